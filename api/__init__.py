@@ -1,0 +1,1 @@
+"""HTTP gateway: the OpenAI-compatible Files and Batches API (FastAPI)."""

@@ -1,0 +1,40 @@
+"""Where batch records live: the protocol both modes implement.
+
+Single-node mode: `vbatch.core.sqlite_store.SqliteBatchStore` (durable, WAL).
+Cluster mode: `vbatch.api.kube_store.KubeBatchStore` (Batch custom resources).
+Records are returned as copies; callers change them and `save` them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from vbatch.core.schemas import BatchRecord
+
+
+class BatchStore(Protocol):
+    def create(self, record: BatchRecord) -> None:
+        """Durably store a new batch; returns only once it is committed."""
+        ...
+
+    def get(self, project: str, batch_id: str) -> BatchRecord | None:
+        """The batch, or None when absent or owned by another project."""
+        ...
+
+    def list_page(self, project: str, *, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
+        """Newest first; `after` is the id of the last batch of the previous page.
+        Returns (records, has_more)."""
+        ...
+
+    def save(self, record: BatchRecord) -> None:
+        """Write back a record changed by the state machine."""
+        ...
+
+    def request_cancel(self, project: str, batch_id: str) -> BatchRecord | None:
+        """Mark cancel requested (atomically); None when absent."""
+        ...
+
+    def unfinished(self) -> Iterator[BatchRecord]:
+        """Every batch of every project not yet in a terminal status (for executors)."""
+        ...

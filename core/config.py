@@ -1,0 +1,66 @@
+"""Settings, read from `VBATCH_*` environment variables (pydantic-settings).
+
+One Settings object configures every room: the gateway, the local executor, the
+operator and the worker pods (the chart sets the same variables).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class Limits(BaseModel):
+    max_requests_per_batch: int = 50_000
+    max_file_bytes: int = 200 * MB
+    max_line_bytes: int = 1 * MB
+    # completion window -> seconds
+    completion_windows: dict[str, int] = Field(default_factory=lambda: {"24h": 24 * 3600})
+    upload_retention_seconds: int = 30 * 24 * 3600
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VBATCH_", env_nested_delimiter="__")
+
+    # Where single-node mode keeps everything (local storage, SQLite, keys, models).
+    data_dir: Path = Path("vbatch-data")
+
+    # Object storage: a local directory or an S3/MinIO bucket.
+    storage: Literal["local", "s3"] = "local"
+    s3_endpoint: str = "localhost:9000"
+    s3_bucket: str = "vbatch"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str | None = None
+
+    # Batch state: SQLite under data_dir (single-node) or Batch custom resources.
+    batch_store: Literal["sqlite", "kubernetes"] = "sqlite"
+    namespace: str = "default"
+
+    # Engine: "auto" picks vLLM when importable, else refuses; "echo" is the test engine.
+    engine: str = "auto"
+    # Model catalog file (YAML or JSON); see vbatch.worker.catalog.
+    model_catalog: Path | None = None
+
+    # API keys: single-node keeps hashes in data_dir; clusters mount a file of hashes.
+    api_keys_file: Path | None = None
+
+    # Sharding: at most this many requests per shard, at most max_shards per batch.
+    shard_target_requests: int = 2_000
+    max_shards: int = 8
+
+    # Worker flushes a result part every N results or T seconds, whichever first.
+    part_max_results: int = 64
+    part_max_seconds: float = 2.0
+
+    limits: Limits = Field(default_factory=Limits)
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"

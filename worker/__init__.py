@@ -1,0 +1,1 @@
+"""One shard of a batch: read it, run the engine, write result parts and progress, resumably."""

@@ -1,0 +1,1 @@
+"""Inference engines the worker drives: vLLM (real) and echo (a test double)."""
