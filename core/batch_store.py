@@ -13,6 +13,10 @@ from typing import Protocol
 from vbatch.core.schemas import BatchRecord
 
 
+class StaleRecord(Exception):
+    """The record changed in the store since it was read (e.g. a cancel arrived)."""
+
+
 class BatchStore(Protocol):
     def create(self, record: BatchRecord) -> None:
         """Durably store a new batch; returns only once it is committed."""
@@ -28,7 +32,8 @@ class BatchStore(Protocol):
         ...
 
     def save(self, record: BatchRecord) -> None:
-        """Write back a record changed by the state machine."""
+        """Write back a record changed by the state machine. Raises StaleRecord when
+        the stored revision differs from record.revision (re-read and decide again)."""
         ...
 
     def request_cancel(self, project: str, batch_id: str) -> BatchRecord | None:

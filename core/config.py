@@ -64,3 +64,14 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         return self.data_dir / "storage"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The VBATCH_* variables that rebuild these settings in a child process."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(exclude={"limits"}).items():
+        if value is None:
+            continue
+        env[f"VBATCH_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["VBATCH_LIMITS"] = settings.limits.model_dump_json()
+    return env

@@ -140,8 +140,10 @@ class BatchRecord(Batch):
     project: str
     cancel_requested: bool = False
     shard_count: int | None = None
-    # Why a batch failed outside of input validation (shard retries exhausted, ...).
-    failure_reason: str | None = None
+    # Optimistic concurrency: the store's version of this record (a counter in
+    # SQLite, metadata.resourceVersion for custom resources). Saving a record
+    # whose revision is stale fails, so a driver never overwrites a cancel.
+    revision: str | None = None
 
     def to_wire(self) -> Batch:
         return Batch.model_validate(self.model_dump(include=set(Batch.model_fields)))

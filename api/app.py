@@ -1,0 +1,52 @@
+"""The gateway application: `create_app(services)` -> FastAPI.
+
+`vbatch serve` builds the Services (stores, key store, runner) and runs this
+under uvicorn; tests build it over temporary directories.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from vbatch.api import metrics, routes_batches, routes_files
+from vbatch.api.errors import envelope, install_error_handlers
+from vbatch.api.middleware import RequestContextMiddleware
+from vbatch.api.services import Services
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/healthz", summary="Liveness: the process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health.get("/readyz", summary="Readiness: dependencies are reachable")
+def readyz(request: Request) -> JSONResponse:
+    services: Services = request.app.state.services
+    try:
+        ready = services.ready()
+    except Exception:  # a failing probe means "not ready", never a 500
+        ready = False
+    if ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse(
+        envelope("Not ready.", type="internal_error", code="service_unavailable"), status_code=503
+    )
+
+
+def create_app(services: Services) -> FastAPI:
+    app = FastAPI(
+        title="vbatch",
+        version="0.1.0",
+        description="OpenAI-compatible Files and Batches API, self-hosted.",
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(routes_files.router)
+    app.include_router(routes_batches.router)
+    app.include_router(health)
+    app.include_router(metrics.router)
+    return app

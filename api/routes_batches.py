@@ -1,0 +1,149 @@
+"""/v1/batches: create (validating the whole input first), list, retrieve, cancel.
+
+Handlers are plain `def`: validation streams the input file from storage and the
+store commits durably, both blocking, so FastAPI runs them in its thread pool.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from vbatch.api import metrics
+from vbatch.api.auth import ProjectDep, ServicesDep
+from vbatch.api.errors import ERROR_RESPONSES
+from vbatch.api.services import Services
+from vbatch.core import state
+from vbatch.core.errors import InvalidRequest, NotFound, VBatchError
+from vbatch.core.schemas import (
+    MAX_METADATA_KEY,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE,
+    SUPPORTED_ENDPOINTS,
+    Batch,
+    BatchRecord,
+    CreateBatchRequest,
+    FilePurpose,
+    ListPage,
+)
+from vbatch.core.validation import raise_for_report, validate_jsonl
+
+DEFAULT_PAGE = 20
+MAX_PAGE = 100
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERROR_RESPONSES | {409: ERROR_RESPONSES[400]})
+
+
+def check_request(body: CreateBatchRequest, services: Services) -> int:
+    """The request's own fields (before any file is read). Returns the window in seconds."""
+    if body.endpoint not in SUPPORTED_ENDPOINTS:
+        raise InvalidRequest(
+            f"Invalid endpoint {body.endpoint!r}: supported endpoints are {', '.join(SUPPORTED_ENDPOINTS)}.",
+            code="invalid_endpoint",
+            param="endpoint",
+        )
+    windows = services.settings.limits.completion_windows
+    if body.completion_window not in windows:
+        raise InvalidRequest(
+            f"Invalid completion_window {body.completion_window!r}: supported values are {', '.join(windows)}.",
+            code="invalid_completion_window",
+            param="completion_window",
+        )
+    metadata = body.metadata or {}
+    problem = None
+    if len(metadata) > MAX_METADATA_PAIRS:
+        problem = f"at most {MAX_METADATA_PAIRS} key-value pairs are allowed"
+    elif any(len(k) > MAX_METADATA_KEY for k in metadata):
+        problem = f"keys are at most {MAX_METADATA_KEY} characters"
+    elif any(len(v) > MAX_METADATA_VALUE for v in metadata.values()):
+        problem = f"values are at most {MAX_METADATA_VALUE} characters"
+    if problem:
+        raise InvalidRequest(f"Invalid metadata: {problem}.", code="invalid_metadata", param="metadata")
+    return windows[body.completion_window]
+
+
+def _create(body: CreateBatchRequest, project: str, services: Services) -> Batch:
+    window_seconds = check_request(body, services)
+    meta, chunks = services.files.open(project, body.input_file_id)  # 404 file_not_found
+    if meta.purpose != FilePurpose.BATCH:
+        raise InvalidRequest(
+            f"File {meta.id} has purpose {meta.purpose.value!r}; a batch input file must have purpose 'batch'.",
+            code="invalid_input_file_purpose",
+            param="input_file_id",
+        )
+    report = validate_jsonl(
+        chunks,
+        endpoint=body.endpoint,
+        served_models=services.served_models,
+        limits=services.settings.limits,
+    )
+    raise_for_report(report)  # 400 naming the line
+    record = state.new_batch(
+        project=project,
+        input_file_id=meta.id,
+        endpoint=body.endpoint,
+        completion_window=body.completion_window,
+        metadata=body.metadata,
+        total=report.total,
+        model=report.model,
+        window_seconds=window_seconds,
+        now=int(time.time()),
+    )
+    services.batches.create(record)  # durable once this returns: only then answer
+    metrics.BATCHES_CREATED.inc()
+    services.runner.submitted(record)
+    return record.to_wire()
+
+
+@router.post("", response_model=Batch, summary="Create a batch (validates the whole input file first)")
+def create_batch(body: CreateBatchRequest, project: ProjectDep, services: ServicesDep) -> Batch:
+    try:
+        return _create(body, project, services)
+    except VBatchError as exc:
+        metrics.BATCHES_REJECTED.labels(exc.code or "none").inc()
+        raise
+
+
+@router.get("", response_model=ListPage[Batch], summary="List batches, newest first")
+def list_batches(
+    project: ProjectDep,
+    services: ServicesDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+) -> ListPage[Batch]:
+    records, has_more = services.batches.list_page(project, after=after, limit=limit)
+    data = [r.to_wire() for r in records]
+    return ListPage[Batch](
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
+
+
+def _not_found(batch_id: str) -> NotFound:
+    return NotFound(f"No such batch: {batch_id}", code="batch_not_found", param="batch_id")
+
+
+def _get(services: Services, project: str, batch_id: str) -> BatchRecord:
+    record = services.batches.get(project, batch_id)
+    if record is None:
+        raise _not_found(batch_id)
+    return record
+
+
+@router.get("/{batch_id}", response_model=Batch, summary="Retrieve a batch")
+def retrieve_batch(batch_id: str, project: ProjectDep, services: ServicesDep) -> Batch:
+    return _get(services, project, batch_id).to_wire()
+
+
+@router.post("/{batch_id}/cancel", response_model=Batch, summary="Cancel a batch")
+def cancel_batch(batch_id: str, project: ProjectDep, services: ServicesDep) -> Batch:
+    # The store applies state.request_cancel atomically: 409 for finished batches.
+    record = services.batches.request_cancel(project, batch_id)
+    if record is None:
+        raise _not_found(batch_id)
+    services.runner.cancel_requested(record)
+    return record.to_wire()

@@ -1,0 +1,218 @@
+"""An object store in a local directory (single-node mode, tests).
+
+Each key is a file under root. Writes go to a temporary file in the target's
+directory, are fsynced and then renamed over the key, so readers see either
+nothing or the whole object. Temporary names carry TMP_MARKER and are never
+listed; a crash may leave one behind, which `list` ignores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from vbatch.core.errors import StorageError
+from vbatch.core.storage.base import CHUNK_SIZE, ObjectNotFound
+
+# Part of every temporary file name; keys containing it are refused so a real
+# object can never be mistaken for a leftover temporary.
+TMP_MARKER = ".vbatch-tmp-"
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape root or collide with temporaries."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("object key must be a non-empty string")
+    if "\x00" in key or "\\" in key:
+        raise ValueError(f"invalid object key {key!r}: NUL and backslash are not allowed")
+    if key.startswith("/") or key.endswith("/"):
+        raise ValueError(f"invalid object key {key!r}: must be relative and name an object")
+    parts = key.split("/")
+    if any(part in {"", ".", ".."} for part in parts):
+        raise ValueError(f"invalid object key {key!r}: empty, '.' or '..' segments")
+    if TMP_MARKER in key:
+        raise ValueError(f"invalid object key {key!r}: reserved name")
+    return key
+
+
+def _storage_error(action: str, key: str, exc: OSError) -> StorageError:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    return StorageError(f"Storage failed to {action} {key!r}: {reason}.")
+
+
+class LocalObjectStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    # --- writing -------------------------------------------------------------
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        path = self._path(key)
+        tmp, fd = self._open_temp(key, path)
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                # Only our own I/O is wrapped: an exception raised by the caller's
+                # iterable must reach the caller unchanged.
+                for chunk in chunks:
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise _storage_error("write", key, exc) from exc
+                    size += len(chunk)
+                try:
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    raise _storage_error("write", key, exc) from exc
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _storage_error("write", key, exc) from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self._fsync_dir(path.parent)
+        return size
+
+    @staticmethod
+    def _open_temp(key: str, path: Path) -> tuple[Path, int]:
+        tmp = path.parent / f"{path.name}{TMP_MARKER}{secrets.token_hex(6)}"
+        for attempt in range(3):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError as exc:
+                # A concurrent delete pruned the (then empty) directory between
+                # mkdir and open: make it again.
+                if attempt == 2:
+                    raise _storage_error("write", key, exc) from exc
+            except OSError as exc:
+                raise _storage_error("write", key, exc) from exc
+        raise AssertionError("unreachable")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.put_stream(key, (data,))
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        # Makes the rename itself durable; best effort (not every FS allows it).
+        with contextlib.suppress(OSError):
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # --- reading -------------------------------------------------------------
+
+    def _open(self, key: str):
+        path = self._path(key)
+        try:
+            return open(path, "rb")  # noqa: SIM115 - closed by the caller
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise _storage_error("read", key, exc) from exc
+
+    def get_stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        handle = self._open(key)  # eager: ObjectNotFound before the first chunk
+        return self._read_chunks(handle, key, chunk_size)
+
+    @staticmethod
+    def _read_chunks(handle, key: str, chunk_size: int) -> Iterator[bytes]:
+        with handle:
+            while True:
+                try:
+                    chunk = handle.read(chunk_size)
+                except OSError as exc:
+                    raise _storage_error("read", key, exc) from exc
+                if not chunk:
+                    return
+                yield chunk
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._open(key) as handle:
+            try:
+                return handle.read()
+            except OSError as exc:
+                raise _storage_error("read", key, exc) from exc
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        try:
+            if path.is_file():
+                return path.stat().st_size
+        except OSError as exc:
+            raise _storage_error("stat", key, exc) from exc
+        raise ObjectNotFound(key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self._path(key).is_file()
+        except OSError as exc:
+            raise _storage_error("stat", key, exc) from exc
+
+    # --- deleting and listing --------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except IsADirectoryError:
+            return  # a "directory" is not an object; nothing to delete
+        except OSError as exc:
+            raise _storage_error("delete", key, exc) from exc
+        self._prune_empty_dirs(path.parent)
+
+    def _prune_empty_dirs(self, directory: Path) -> None:
+        # Keeps the tree from filling with empty batch/shard folders.
+        root = self.root.resolve()
+        while directory.resolve() != root:
+            try:
+                directory.rmdir()
+            except OSError:
+                return
+            directory = directory.parent
+
+    def list(self, prefix: str) -> Iterator[str]:
+        if "\x00" in prefix or "\\" in prefix or prefix.startswith("/"):
+            raise ValueError(f"invalid key prefix {prefix!r}")
+        # Walk only the deepest directory the prefix names; filter the rest.
+        base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        if any(part in {".", ".."} for part in base.split("/")):
+            raise ValueError(f"invalid key prefix {prefix!r}")
+        start = self.root.joinpath(*base.strip("/").split("/")) if base else self.root
+        keys: list[str] = []
+        def fail(exc: OSError) -> None:
+            if not isinstance(exc, FileNotFoundError):  # a missing prefix is just empty
+                raise exc
+
+        try:
+            for dirpath, _dirnames, filenames in os.walk(start, onerror=fail):
+                rel = os.path.relpath(dirpath, self.root)
+                rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+                for name in filenames:
+                    key = rel + name
+                    if TMP_MARKER not in name and key.startswith(prefix):
+                        keys.append(key)
+        except OSError as exc:
+            raise _storage_error("list", prefix, exc) from exc
+        keys.sort()
+        return iter(keys)
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in list(self.list(prefix)):
+            self.delete(key)

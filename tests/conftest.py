@@ -1,0 +1,63 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from s3server import NanioServer, S3Info
+
+# --- object storage (core I/O) ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """One nanio S3 server for the session. Tests may stop()/restart() it; the
+    data dir and port survive, and `s3_store` starts it again if it is down."""
+    server = NanioServer(tmp_path_factory.mktemp("nanio") / "data")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_info(s3_server: NanioServer) -> S3Info:
+    s3_server.start()  # no-op when running; revives it after a fault test
+    return s3_server.info
+
+
+def make_s3_store(info: S3Info, bucket: str | None = None, **kwargs):
+    from vbatch.core.storage.s3 import S3ObjectStore
+
+    kwargs.setdefault("retry_seconds", 3.0)  # tests must not wait 30 s on a dead server
+    return S3ObjectStore(
+        endpoint=info.endpoint,
+        bucket=bucket or f"t-{uuid.uuid4().hex[:20]}",
+        access_key=info.access_key,
+        secret_key=info.secret_key,
+        secure=info.secure,
+        region=info.region,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def s3_store(s3_info: S3Info):
+    """An S3ObjectStore on a fresh bucket of the session's nanio server."""
+    return make_s3_store(s3_info)
+
+
+@pytest.fixture
+def local_store(tmp_path: Path):
+    from vbatch.core.storage.local import LocalObjectStore
+
+    return LocalObjectStore(tmp_path / "store")
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def object_store(request: pytest.FixtureRequest):
+    """Each test using this runs against both stores."""
+    return request.getfixturevalue(f"{request.param}_store")

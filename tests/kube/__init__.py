@@ -1,0 +1,1 @@
+"""A Kubernetes API emulator for tests: kmock's scaffold plus the semantics kopf and clients rely on."""

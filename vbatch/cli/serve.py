@@ -1,0 +1,115 @@
+"""`vbatch serve`: the gateway, wired for the configured mode.
+
+Single-node (the default): SQLite batch store under the data dir, local or S3
+storage, and the local executor running worker subprocesses on this machine.
+Cluster: Batch custom resources as the store; the operator does the running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+from vbatch.core.config import Settings
+
+log = logging.getLogger("vbatch.serve")
+
+
+def settings_for(data_dir: Path | None, **overrides: object) -> Settings:
+    settings = Settings()
+    if data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": data_dir})
+    if overrides:
+        settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def resolve_engine(requested: str) -> str:
+    if requested in ("echo", "vllm"):
+        return requested
+    if importlib.util.find_spec("vllm") is not None:
+        return "vllm"
+    raise SystemExit(
+        "vLLM is not installed, so there is no inference engine. Install vbatch with vLLM "
+        "(`make install`), or pass --engine echo to try the API with the echo TEST engine."
+    )
+
+
+def served_models(settings: Settings, engine: str) -> Collection[str] | None:
+    """The catalog's model ids; None (any id) for the echo test engine."""
+    if engine == "echo":
+        return None
+    from vbatch.worker.catalog import load_catalog
+    from vbatch.worker.models import DEMO_MODEL_ID, prepare_demo_model
+
+    catalog = load_catalog(settings.model_catalog, settings.data_dir)
+    if settings.batch_store == "sqlite" and DEMO_MODEL_ID in catalog.ids() and settings.model_catalog is None:
+        prepare_demo_model(settings.data_dir / "models")  # once; cached afterwards
+    return catalog.ids()
+
+
+def gpu_count() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        import torch  # only for counting GPUs; vLLM brings it
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def build_services(settings: Settings, engine: str, slots: int | None = None):
+    from vbatch.api.services import NoopRunner, Services
+    from vbatch.core.files import FileService
+    from vbatch.core.keys import KeyStore
+    from vbatch.core.storage import open_store
+
+    store = open_store(settings)
+    files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds)
+    keys = KeyStore(settings.api_keys_file or settings.data_dir / "api_keys")
+    if settings.batch_store == "kubernetes":
+        from vbatch.api.kube_store import KubeBatchStore
+
+        return Services(settings=settings, files=files, batches=KubeBatchStore.from_settings(settings), keys=keys,
+                        runner=NoopRunner(), served_models=served_models(settings, engine)), None
+
+    from vbatch.core.sqlite_store import SqliteBatchStore
+    from vbatch.operator.local_executor import LocalExecutor
+
+    models = served_models(settings, engine)
+    batches = SqliteBatchStore(settings.data_dir / "batches.sqlite3")
+    executor = LocalExecutor(
+        settings=settings, store=store, files=files, batches=batches, served_models=models,
+        engine=engine, slots=slots or max(1, gpu_count()),
+    )
+    services = Services(settings=settings, files=files, batches=batches, keys=keys, runner=executor, served_models=models)
+    return services, executor
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vbatch.api.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = settings_for(args.data_dir)
+    engine = resolve_engine(args.engine or settings.engine)
+    settings = settings.model_copy(update={"engine": engine})
+    if engine == "echo":
+        log.warning("serving with the ECHO TEST ENGINE: answers echo the prompt; this is not inference")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    services, executor = build_services(settings, engine, args.slots)
+    if executor is not None:
+        executor.start()
+    try:
+        uvicorn.run(create_app(services), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    finally:
+        if executor is not None:
+            executor.stop()
+    return 0

@@ -1,0 +1,398 @@
+"""One shard of a batch: read it, skip what earlier attempts finished, run the engine,
+write result parts and the progress record. Safe to kill at any instant.
+
+Exactly once: a request's only home is a result part of its shard. Parts are whole
+objects (an atomic put), so a part that exists is finished; a run first reads every
+existing part and skips those custom_ids, and numbers its own parts after the
+highest one. Results still in memory when the process dies were never written, so
+the next run does them again. The progress record is derived from the parts and
+may lag them; it is never the source of truth.
+
+The engine must already be started (`await engine.start()`): the long-lived worker
+keeps one loaded engine across many shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import orjson
+
+from vbatch.core import layout
+from vbatch.core.errors import StorageError
+from vbatch.core.ids import new_batch_request_id, new_request_id
+from vbatch.core.layout import ShardProgress
+from vbatch.core.schemas import LineError, ResponseEnvelope, ResultLine
+from vbatch.core.storage.base import ObjectNotFound, ObjectStore, iter_lines
+from vbatch.worker.engines.base import Engine
+
+log = logging.getLogger("vbatch.worker.shard")
+
+T = TypeVar("T")
+
+# Storage hiccups (a MinIO restart, a full disk being cleaned) should not cost a
+# shard's in-memory results: retry with backoff before giving up (~6 s in total).
+STORAGE_ATTEMPTS = 5
+STORAGE_BACKOFF = 0.2
+# A reorder window never holds more than this many bytes of input lines, whatever
+# its line count (lines may be up to 1 MB each).
+WINDOW_MAX_BYTES = 32 * 1024 * 1024
+
+
+async def _storage(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking store call in a thread, retrying transient failures."""
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except ObjectNotFound:
+            raise
+        except (StorageError, OSError) as exc:
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise StorageError(f"object storage failed after {STORAGE_ATTEMPTS} attempts: {exc}") from exc
+            log.warning("storage call failed (%s), retrying", exc)
+            await asyncio.sleep(STORAGE_BACKOFF * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def prefix_key(body: Any) -> bytes:
+    """Sort key grouping requests that share leading messages (vLLM's prefix cache
+    reuses their KV blocks when they run close together). Lexicographic order of the
+    JSON also puts prompts with a common beginning next to each other."""
+    if not isinstance(body, dict):
+        return b""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return b""
+    try:
+        return orjson.dumps([body.get("model"), messages[:-1]])
+    except TypeError:
+        return b""
+
+
+class _Request:
+    __slots__ = ("custom_id", "body", "problem")
+
+    def __init__(self, custom_id: str, body: Any, problem: str | None) -> None:
+        self.custom_id = custom_id
+        self.body = body
+        self.problem = problem
+
+
+class _ShardRun:
+    def __init__(
+        self,
+        store: ObjectStore,
+        engine: Engine,
+        *,
+        project: str,
+        batch_id: str,
+        shard: int,
+        part_max_results: int,
+        part_max_seconds: float,
+        stop: asyncio.Event,
+        stop_grace_seconds: float,
+        window_lines: int,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.project, self.batch_id, self.shard = project, batch_id, shard
+        self.part_max_results = max(1, part_max_results)
+        self.part_max_seconds = part_max_seconds
+        self.stop = stop
+        self.stop_grace_seconds = stop_grace_seconds
+        self.window_lines = window_lines
+        self.progress = ShardProgress(shard=shard)
+        self.done: set[str] = set()  # custom_ids with a result in a written part
+        self.seen: set[str] = set()  # custom_ids of the shard read so far
+        self.next_part = 0
+        self.buffer: list[ResultLine] = []
+        self.buffer_since = 0.0  # loop time of the oldest buffered result
+        self.closing = False
+        self.wake = asyncio.Event()
+
+    # --- what earlier attempts left ------------------------------------------------
+
+    def _account(self, line: ResultLine) -> None:
+        self.done.add(line.custom_id)
+        if line.succeeded:
+            self.progress.completed += 1
+            usage = line.response.body.get("usage") if line.response else None
+            if isinstance(usage, dict):
+                self._add_usage(usage)
+        else:
+            self.progress.failed += 1
+
+    def _add_usage(self, usage: dict[str, Any]) -> None:
+        prompt = usage.get("prompt_tokens") or 0
+        completion = usage.get("completion_tokens") or 0
+        if isinstance(prompt, int) and isinstance(completion, int):
+            self.progress.usage.add(prompt, completion)
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(cached, int):
+            self.progress.usage.input_tokens_details.cached_tokens += cached
+
+    def _load_parts(self) -> None:
+        """Blocking: read every finished part of this shard (runs in a thread)."""
+        prefix = layout.results_prefix(self.project, self.batch_id, self.shard)
+        highest = -1
+        for key in self.store.list(prefix):
+            number = layout.part_number(key)
+            if number is None:  # a store's temporary or a stray object: not a part
+                continue
+            highest = max(highest, number)
+            self.progress.parts += 1
+            for raw in iter_lines(self.store.get_stream(key)):
+                if not raw.strip():
+                    continue
+                try:
+                    line = ResultLine.model_validate_json(raw)
+                except ValueError:
+                    log.error("unreadable line in %s skipped", key)
+                    continue
+                # Two pods of one index may both have written a custom_id; the merge
+                # keeps the first, so only the first counts here too.
+                if line.custom_id not in self.done:
+                    self._account(line)
+        self.next_part = highest + 1
+
+    def _count_lines(self) -> int:
+        key = layout.shard_key(self.project, self.batch_id, self.shard)
+        return sum(1 for raw in iter_lines(self.store.get_stream(key)) if raw.strip())
+
+    # --- reading the shard in reordered windows -------------------------------------
+
+    def _open_shard(self) -> Iterator[bytes]:
+        key = layout.shard_key(self.project, self.batch_id, self.shard)
+        return iter_lines(self.store.get_stream(key))
+
+    def _read_window(self, lines: Iterator[bytes], seen: set[str]) -> list[_Request]:
+        """Blocking: the next window of requests still to do, prefix-sorted."""
+        window: list[_Request] = []
+        size = 0
+        for raw in lines:
+            if not raw.strip():
+                continue
+            request = self._parse(raw)
+            if request is None or request.custom_id in seen:
+                continue
+            seen.add(request.custom_id)
+            if request.custom_id in self.done:
+                continue
+            window.append(request)
+            size += len(raw)
+            if len(window) >= self.window_lines or size >= WINDOW_MAX_BYTES:
+                break
+        window.sort(key=lambda r: prefix_key(r.body))  # stable: file order within a group
+        return window
+
+    @staticmethod
+    def _parse(raw: bytes) -> _Request | None:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        custom_id = data.get("custom_id") if isinstance(data, dict) else None
+        if not isinstance(custom_id, str):
+            # Shards are validated at create time; without a custom_id there is
+            # nothing a result line could be joined on.
+            log.error("shard line without a custom_id skipped")
+            return None
+        body = data.get("body")
+        problem = None if isinstance(body, dict) else "the request body must be a JSON object"
+        return _Request(custom_id, body, problem)
+
+    # --- running requests -------------------------------------------------------------
+
+    async def _run_one(self, request: _Request, slots: asyncio.Semaphore) -> None:
+        try:
+            self._collect(await self._result_for(request))
+        finally:
+            slots.release()
+
+    async def _result_for(self, request: _Request) -> ResultLine:
+        line_id = new_batch_request_id()
+        if request.problem is not None:
+            error = LineError(code="invalid_request", message=request.problem)
+            return ResultLine(id=line_id, custom_id=request.custom_id, error=error)
+        request_id = new_request_id()
+        try:
+            reply = await self.engine.chat_completion(request.body, request_id)
+        except Exception as exc:  # one bad request must never take the shard down
+            log.exception("engine failed on custom_id %s", request.custom_id)
+            message = f"{type(exc).__name__}: {exc}"
+            error = LineError(code="engine_error", message=message)
+            return ResultLine(id=line_id, custom_id=request.custom_id, error=error)
+        # Non-200 replies keep their status and `{"error": ...}` body, as OpenAI does.
+        response = ResponseEnvelope(
+            status_code=reply.status_code, request_id=request_id, body=reply.body
+        )
+        return ResultLine(id=line_id, custom_id=request.custom_id, response=response)
+
+    def _collect(self, line: ResultLine) -> None:
+        if not self.buffer:
+            self.buffer_since = asyncio.get_running_loop().time()
+            self.wake.set()  # the flusher starts timing this part
+        self.buffer.append(line)
+        if len(self.buffer) >= self.part_max_results:
+            self.wake.set()
+
+    async def _acquire(self, slots: asyncio.Semaphore) -> bool:
+        """Wait for an engine slot; False when stop was requested first."""
+        if self.stop.is_set():
+            return False
+        acquire = asyncio.ensure_future(slots.acquire())
+        stopped = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not acquire.done():
+            acquire.cancel()
+        try:
+            await acquire
+        except asyncio.CancelledError:
+            return False
+        if self.stop.is_set():
+            slots.release()
+            return False
+        return True
+
+    # --- writing parts and progress -------------------------------------------------
+
+    async def _flusher(self) -> None:
+        """The only writer of parts and progress, so numbering needs no lock."""
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = None
+            if self.buffer:
+                timeout = max(0.0, self.buffer_since + self.part_max_seconds - loop.time())
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            while len(self.buffer) >= self.part_max_results:
+                await self._write_part(self.part_max_results)
+            overdue = self.buffer and loop.time() - self.buffer_since >= self.part_max_seconds
+            if self.buffer and (overdue or self.closing):
+                await self._write_part(len(self.buffer))
+            if self.closing and not self.buffer:
+                return
+
+    async def _write_part(self, count: int) -> None:
+        lines = self.buffer[:count]
+        del self.buffer[:count]
+        if self.buffer:
+            self.buffer_since = asyncio.get_running_loop().time()
+        data = b"".join(orjson.dumps(line.model_dump(mode="json")) + b"\n" for line in lines)
+        key = layout.part_key(self.project, self.batch_id, self.shard, self.next_part)
+        # Another pod of the same index may have written this number meanwhile;
+        # never overwrite a finished part (that would lose its results).
+        while await _storage(self.store.exists, key):
+            self.next_part += 1
+            key = layout.part_key(self.project, self.batch_id, self.shard, self.next_part)
+        await _storage(self.store.put_bytes, key, data)
+        self.next_part += 1
+        self.progress.parts += 1
+        for line in lines:
+            if line.custom_id not in self.done:
+                self._account(line)
+        await self._write_progress()
+
+    async def _write_progress(self) -> None:
+        self.progress.updated_at = time.time()
+        key = layout.progress_key(self.project, self.batch_id, self.shard)
+        await _storage(self.store.put_bytes, key, self.progress.model_dump_json().encode())
+
+    # --- the whole run ---------------------------------------------------------------
+
+    async def run(self) -> ShardProgress:
+        self.progress.total = await _storage(self._count_lines)
+        await _storage(self._load_parts)
+        if self.done:
+            log.info(
+                "shard %s: resuming, %d of %d already done", self.shard, len(self.done), self.progress.total
+            )
+        await self._write_progress()
+
+        flusher = asyncio.create_task(self._flusher(), name=f"shard-{self.shard}-flusher")
+        tasks: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self.engine.max_in_flight)
+        stopped = False
+        try:
+            stopped = await self._submit_all(slots, tasks, flusher)
+            if tasks:
+                # On stop, in-flight requests get a grace period; those still running
+                # after it are abandoned: never written, so a later run redoes them.
+                timeout = self.stop_grace_seconds if stopped else None
+                await asyncio.wait(tasks, timeout=timeout)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self.closing = True
+            self.wake.set()
+            await flusher  # flushes what is done; re-raises a storage failure
+        self.progress.finished = not stopped and self.seen <= self.done
+        await self._write_progress()
+        return self.progress
+
+    async def _submit_all(
+        self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]], flusher: asyncio.Task[None]
+    ) -> bool:
+        """Submit every remaining request; True when stopped before the end."""
+        lines = await _storage(self._open_shard)
+        while True:
+            window = await asyncio.to_thread(self._read_window, lines, self.seen)
+            if not window:
+                return False
+            for request in window:
+                if flusher.done():
+                    flusher.result()  # a failed flush is fatal: raise it here
+                if not await self._acquire(slots):
+                    return True
+                task = asyncio.create_task(self._run_one(request, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+
+async def run_shard(
+    store: ObjectStore,
+    engine: Engine,
+    *,
+    project: str,
+    batch_id: str,
+    shard: int,
+    part_max_results: int = 64,
+    part_max_seconds: float = 2.0,
+    stop: asyncio.Event | None = None,
+    stop_grace_seconds: float = 10.0,
+    window_lines: int | None = None,
+) -> ShardProgress:
+    """Run one shard to the end (or until `stop` is set) and return its progress.
+
+    `finished` is True only when every request of the shard has a result in a part.
+    Storage failing past its retries raises `StorageError` (results not yet in a part
+    are lost and redone by the next run); a missing shard raises `ObjectNotFound`.
+    `window_lines` bounds the prefix-reordering window (default 4 x max_in_flight,
+    at least 1024 lines).
+    """
+    if window_lines is None:
+        window_lines = max(4 * engine.max_in_flight, 1024)
+    run = _ShardRun(
+        store,
+        engine,
+        project=project,
+        batch_id=batch_id,
+        shard=shard,
+        part_max_results=part_max_results,
+        part_max_seconds=part_max_seconds,
+        stop=stop if stop is not None else asyncio.Event(),
+        stop_grace_seconds=stop_grace_seconds,
+        window_lines=max(1, window_lines),
+    )
+    return await run.run()
