@@ -33,6 +33,7 @@ def make_s3_store(info: S3Info, bucket: str | None = None, **kwargs):
     from vbatch.core.storage.s3 import S3ObjectStore
 
     kwargs.setdefault("retry_seconds", 3.0)  # tests must not wait 30 s on a dead server
+    kwargs.setdefault("part_size", 5 * 1024 * 1024)  # S3 minimum: multipart with little data
     return S3ObjectStore(
         endpoint=info.endpoint,
         bucket=bucket or f"t-{uuid.uuid4().hex[:20]}",

@@ -75,7 +75,7 @@ def store(data_dir) -> LocalObjectStore:
 def test_sigkill_at_random_points_then_restart_gives_each_custom_id_exactly_once(data_dir, store, seed):
     seed_shard(store)
     rng = random.Random(seed)
-    kills = 0
+    after_kills = []
     for _ in range(3):
         proc = subprocess.Popen(worker_cmd(), env=env_for(data_dir),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -85,10 +85,11 @@ def test_sigkill_at_random_points_then_restart_gives_each_custom_id_exactly_once
         except subprocess.TimeoutExpired:
             proc.kill()  # SIGKILL: no flush, no cleanup
             proc.wait()
-            kills += 1
-    assert kills >= 1, "the worker finished before any kill; make it slower"
-    partial = result_ids(store)
-    assert all(count == 1 for count in partial.values())
+            partial = result_ids(store)
+            assert all(count == 1 for count in partial.values())
+            after_kills.append(sum(partial.values()))
+    # The kills must have interrupted real work, or this test proves nothing.
+    assert any(0 < done < N for done in after_kills), after_kills
 
     final = subprocess.run(worker_cmd(delay=0.0), env=env_for(data_dir),
                            capture_output=True, text=True, timeout=60)

@@ -11,10 +11,12 @@ import orjson
 import pytest
 
 from vbatch.core import layout
+from vbatch.core.errors import StorageError
 from vbatch.core.layout import ShardProgress
 from vbatch.core.storage.local import LocalObjectStore
 from vbatch.worker.engines.base import EngineReply
 from vbatch.worker.engines.echo import EchoEngine
+from vbatch.worker import shard as shard_module
 from vbatch.worker.shard import run_shard
 
 P, B, S = "proj", "batch_01JABCDEFGHJKMNPQRSTVWXYZ0", 0
@@ -217,6 +219,25 @@ def test_requests_still_running_after_the_grace_period_are_abandoned_not_written
     assert final.finished and final.completed == 10
 
 
+def test_a_stop_after_the_last_submission_still_bounds_the_wait(store):
+    # Everything is submitted at once; one request never returns. Without the grace
+    # period a SIGTERM here would wait until Kubernetes kills the pod, losing all.
+    write_shard(store, [request(f"r{i}", "stuck" if i == 3 else "ok") for i in range(10)])
+    stop = asyncio.Event()
+
+    class OneStuck(Recording):
+        async def chat_completion(self, body, request_id):
+            if body["messages"][-1]["content"] == "stuck":
+                asyncio.get_running_loop().call_later(0.1, stop.set)
+                await asyncio.sleep(3600)
+            return await super().chat_completion(body, request_id)
+
+    progress = run(store, OneStuck(EchoEngine()), stop=stop, stop_grace_seconds=0.2)
+
+    assert {r["custom_id"] for r in results(store)} == {f"r{i}" for i in range(10)} - {"r3"}
+    assert not progress.finished and progress.completed == 9
+
+
 def test_an_engine_400_becomes_an_error_line_and_the_rest_completes(store):
     bad = {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
            "body": {"model": "m", "messages": "not a list"}}
@@ -308,3 +329,52 @@ def test_echo_engine_honours_max_tokens():
     assert (choice["message"]["content"], choice["finish_reason"]) == ("one two", "length")
     assert reply.body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert reply.body["id"].startswith("chatcmpl-") and reply.body["model"] == "m"
+
+
+class Flaky:
+    """A store whose part writes fail `failures` times before working."""
+
+    def __init__(self, inner: LocalObjectStore, failures: int) -> None:
+        self.inner, self.failures = inner, failures
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        if "/results/" in key and self.failures > 0:
+            self.failures -= 1
+            raise StorageError("connection reset by MinIO")
+        self.inner.put_bytes(key, data)
+
+
+def test_a_storage_hiccup_is_retried_without_losing_or_doubling_results(store, monkeypatch):
+    monkeypatch.setattr(shard_module, "STORAGE_BACKOFF", 0.001)
+    write_shard(store, [request(f"r{i}", "a") for i in range(20)])
+
+    progress = run(Flaky(store, failures=3), EchoEngine(), part_max_results=4)
+
+    assert Counter(r["custom_id"] for r in results(store)) == Counter(f"r{i}" for i in range(20))
+    assert progress.finished and progress.completed == 20
+
+
+def test_storage_down_for_good_fails_the_run_and_a_rerun_still_gives_exactly_once(store, monkeypatch):
+    monkeypatch.setattr(shard_module, "STORAGE_BACKOFF", 0.001)
+    write_shard(store, [request(f"r{i}", "a") for i in range(20)])
+    flaky = Flaky(store, failures=0)
+    original = flaky.put_bytes
+
+    def dies_after_two_parts(key, data):
+        if len(list(store.list(layout.results_prefix(P, B, S)))) >= 2 and "/results/" in key:
+            raise StorageError("bucket gone")
+        original(key, data)
+
+    flaky.put_bytes = dies_after_two_parts
+
+    with pytest.raises(StorageError, match="after 5 attempts"):
+        run(flaky, EchoEngine(max_in_flight=2), part_max_results=4)
+    assert sum(1 for _ in results(store)) == 8
+
+    progress = run(store, EchoEngine())
+
+    assert Counter(r["custom_id"] for r in results(store)) == Counter(f"r{i}" for i in range(20))
+    assert progress.finished and progress.completed == 20

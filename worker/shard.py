@@ -15,9 +15,11 @@ keeps one loaded engine across many shards.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -73,29 +75,18 @@ def prefix_key(body: Any) -> bytes:
         return b""
 
 
+@dataclass(slots=True)
 class _Request:
-    __slots__ = ("custom_id", "body", "problem")
-
-    def __init__(self, custom_id: str, body: Any, problem: str | None) -> None:
-        self.custom_id = custom_id
-        self.body = body
-        self.problem = problem
+    custom_id: str
+    body: Any
+    problem: str | None  # why the body cannot go to the engine, if it cannot
 
 
 class _ShardRun:
     def __init__(
-        self,
-        store: ObjectStore,
-        engine: Engine,
-        *,
-        project: str,
-        batch_id: str,
-        shard: int,
-        part_max_results: int,
-        part_max_seconds: float,
-        stop: asyncio.Event,
-        stop_grace_seconds: float,
-        window_lines: int,
+        self, store: ObjectStore, engine: Engine, *, project: str, batch_id: str, shard: int,
+        part_max_results: int, part_max_seconds: float, stop: asyncio.Event,
+        stop_grace_seconds: float, window_lines: int,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -108,6 +99,7 @@ class _ShardRun:
         self.progress = ShardProgress(shard=shard)
         self.done: set[str] = set()  # custom_ids with a result in a written part
         self.seen: set[str] = set()  # custom_ids of the shard read so far
+        self.read_all = False  # the whole shard was read (and submitted)
         self.next_part = 0
         self.buffer: list[ResultLine] = []
         self.buffer_since = 0.0  # loop time of the oldest buffered result
@@ -195,7 +187,12 @@ class _ShardRun:
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            data = None
+            # orjson refuses some JSON the stdlib accepts (integers over 64 bits);
+            # a line that passed validation must still get its result.
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
         custom_id = data.get("custom_id") if isinstance(data, dict) else None
         if not isinstance(custom_id, str):
             # Shards are validated at create time; without a custom_id there is
@@ -228,9 +225,7 @@ class _ShardRun:
             error = LineError(code="engine_error", message=message)
             return ResultLine(id=line_id, custom_id=request.custom_id, error=error)
         # Non-200 replies keep their status and `{"error": ...}` body, as OpenAI does.
-        response = ResponseEnvelope(
-            status_code=reply.status_code, request_id=request_id, body=reply.body
-        )
+        response = ResponseEnvelope(status_code=reply.status_code, request_id=request_id, body=reply.body)
         return ResultLine(id=line_id, custom_id=request.custom_id, response=response)
 
     def _collect(self, line: ResultLine) -> None:
@@ -310,25 +305,19 @@ class _ShardRun:
     # --- the whole run ---------------------------------------------------------------
 
     async def run(self) -> ShardProgress:
+        # Counted first, so the progress record shows the shard's size from the start.
         self.progress.total = await _storage(self._count_lines)
         await _storage(self._load_parts)
         if self.done:
-            log.info(
-                "shard %s: resuming, %d of %d already done", self.shard, len(self.done), self.progress.total
-            )
+            log.info("shard %s: resuming, %d of %d done", self.shard, len(self.done), self.progress.total)
         await self._write_progress()
 
         flusher = asyncio.create_task(self._flusher(), name=f"shard-{self.shard}-flusher")
         tasks: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(self.engine.max_in_flight)
-        stopped = False
         try:
-            stopped = await self._submit_all(slots, tasks, flusher)
-            if tasks:
-                # On stop, in-flight requests get a grace period; those still running
-                # after it are abandoned: never written, so a later run redoes them.
-                timeout = self.stop_grace_seconds if stopped else None
-                await asyncio.wait(tasks, timeout=timeout)
+            await self._submit_all(slots, tasks, flusher)
+            await self._drain(tasks)
         finally:
             for task in tasks:
                 task.cancel()
@@ -337,24 +326,38 @@ class _ShardRun:
             self.closing = True
             self.wake.set()
             await flusher  # flushes what is done; re-raises a storage failure
-        self.progress.finished = not stopped and self.seen <= self.done
+        self.progress.finished = self.read_all and self.seen <= self.done
         await self._write_progress()
         return self.progress
 
+    async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Wait for in-flight requests; once stop is set, only for the grace period.
+        Those still running after it are abandoned: never written, so a later run
+        redoes them."""
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            while tasks and not self.stop.is_set():
+                await asyncio.wait(tasks | {stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.stop_grace_seconds)
+
     async def _submit_all(
         self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]], flusher: asyncio.Task[None]
-    ) -> bool:
-        """Submit every remaining request; True when stopped before the end."""
+    ) -> None:
+        """Submit every remaining request, or until stop is set."""
         lines = await _storage(self._open_shard)
         while True:
             window = await asyncio.to_thread(self._read_window, lines, self.seen)
             if not window:
-                return False
+                self.read_all = True
+                return
             for request in window:
                 if flusher.done():
                     flusher.result()  # a failed flush is fatal: raise it here
                 if not await self._acquire(slots):
-                    return True
+                    return
                 task = asyncio.create_task(self._run_one(request, slots))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -384,15 +387,9 @@ async def run_shard(
     if window_lines is None:
         window_lines = max(4 * engine.max_in_flight, 1024)
     run = _ShardRun(
-        store,
-        engine,
-        project=project,
-        batch_id=batch_id,
-        shard=shard,
-        part_max_results=part_max_results,
-        part_max_seconds=part_max_seconds,
+        store, engine, project=project, batch_id=batch_id, shard=shard,
+        part_max_results=part_max_results, part_max_seconds=part_max_seconds,
         stop=stop if stop is not None else asyncio.Event(),
-        stop_grace_seconds=stop_grace_seconds,
-        window_lines=max(1, window_lines),
+        stop_grace_seconds=stop_grace_seconds, window_lines=max(1, window_lines),
     )
     return await run.run()

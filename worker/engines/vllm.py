@@ -16,6 +16,7 @@ platform, and the gateway imports this module just to name the engine.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -179,7 +180,7 @@ class VllmEngine:
         except Exception as exc:  # noqa: BLE001 - a request must never sink the shard
             # The serving layer returns most errors; what escapes is mapped the same
             # way run_batch maps it (status from the exception class).
-            log.warning("request %s raised %s: %s", request_id, type(exc).__name__, exc)
+            log.debug("request %s raised %s: %s", request_id, type(exc).__name__, exc)
             response = create_error_response(exc)
 
         if isinstance(response, ChatCompletionResponse):
@@ -194,6 +195,9 @@ class VllmEngine:
         if stack is not None:
             # Shuts the AsyncLLM down, which stops the EngineCore child process.
             await stack.aclose()
+            # The AsyncLLM sits in reference cycles; collect it now, while modules are
+            # alive, or its __del__ runs at interpreter exit and prints a TypeError.
+            gc.collect()
 
 
 def _error_reply(err: Any) -> EngineReply:

@@ -38,7 +38,7 @@ app.kubernetes.io/part-of: vbatch
 {{/* Selector labels must never change across upgrades (Deployment selectors are immutable),
 so they carry only name, instance and component. Call with (list . "gateway"). */}}
 {{- define "vbatch.selectorLabels" -}}
-{{- $root := index . 0 }}
+{{- $root := index . 0 -}}
 app.kubernetes.io/name: {{ include "vbatch.name" $root }}
 app.kubernetes.io/instance: {{ $root.Release.Name }}
 app.kubernetes.io/component: {{ index . 1 }}

