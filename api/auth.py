@@ -18,9 +18,11 @@ from vbatch.core.errors import AuthenticationFailed
 
 # auto_error=False: FastAPI's own 401/403 bodies are not the envelope; we raise ours.
 # Declaring them as security schemes also documents them in /openapi.json.
-_api_key_header = APIKeyHeader(name="x-api-key", auto_error=False, description="API key")
-_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (what the openai SDK sends)")
-_project_header = APIKeyHeader(name="x-project-id", auto_error=False, description="Project id")
+_api_key_header = APIKeyHeader(name="x-api-key", scheme_name="ApiKey", auto_error=False, description="API key")
+_bearer = HTTPBearer(
+    scheme_name="BearerKey", auto_error=False, description="API key as a bearer token (what the openai SDK sends)"
+)
+_project_header = APIKeyHeader(name="x-project-id", scheme_name="ProjectId", auto_error=False, description="Project id")
 
 
 def get_services(request: Request) -> Services:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from vbatch.core.errors import VBatchError
 
@@ -83,8 +84,14 @@ def validation_error_body(exc: RequestValidationError) -> dict[str, Any]:
     if kind == "extra_forbidden":
         return envelope(f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     if param is None:
-        return envelope(f"Invalid request body: {first.get('msg', 'invalid value')}.", code="invalid_request_body")
-    return envelope(f"Invalid value for '{param}': {first.get('msg', 'invalid value')}.", param=param, code="invalid_value")
+        # The body as a whole is wrong: not an object, or not sent as JSON at all
+        # (curl -d without -H content-type sends a form content type).
+        return envelope(
+            "The request body must be a JSON object, sent with Content-Type: application/json.",
+            code="invalid_request_body",
+        )
+    message = f"Invalid value for '{param}': {first.get('msg', 'invalid value')}."
+    return envelope(message, param=param, code="invalid_value")
 
 
 async def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -93,9 +100,21 @@ async def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, validation_error_body(exc))
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    # Starlette's Allow names only the first route matching the path; /v1/files
+    # is two routes (GET and POST), and clients deserve both.
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    headers = exc.headers
     if status == 404:
         # What OpenAI answers for a route that does not exist.
         message = f"Invalid URL ({request.method} {request.url.path})"
@@ -103,13 +122,15 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     elif status == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}."
         code = "method_not_allowed"
+        others = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
+        headers = others | {"allow": ", ".join(_allowed_methods(request))}
     else:
         message = str(exc.detail)
         code = None
     type_ = "internal_error" if status >= 500 else "invalid_request_error"
     if status in (401, 403):
         type_ = "authentication_error"
-    return error_response(status, envelope(message, type=type_, code=code), headers=exc.headers)
+    return error_response(status, envelope(message, type=type_, code=code), headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

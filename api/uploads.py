@@ -302,7 +302,9 @@ class _Upload:
 
         if self.in_file or self.error is not None:
             await self._abandon()  # incomplete file part, or an error mid-way
-            raise self.error or InvalidRequest("The multipart body ended inside the file part.", code="invalid_multipart")
+            raise self.error or InvalidRequest(
+                "The multipart body ended inside the file part.", code="invalid_multipart"
+            )
         if not self.file_seen:
             raise InvalidRequest("Missing required parameter: 'file'.", code="missing_required_parameter", param="file")
         assert self.job is not None

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
 
     # Engine: "auto" picks vLLM when importable, else refuses; "echo" is the test engine.
     engine: str = "auto"
+    # Echo test engine only: simulated seconds per generated token (tests, benchmarks).
+    echo_delay_per_token: float = 0.0
     # Model catalog file (YAML or JSON); see vbatch.worker.catalog.
     model_catalog: Path | None = None
 

@@ -19,6 +19,8 @@ from vbatch.core.schemas import BatchErrorItem
 MAX_REPORTED_PROBLEMS = 5
 
 _BOM = b"\xef\xbb\xbf"
+# body.stream values that mean "not streaming" (false, absent, null).
+_NO_STREAM = (None, False)
 _REQUIRED = ("custom_id", "method", "url", "body")
 
 
@@ -40,7 +42,11 @@ def validate_jsonl(
     served_models: Collection[str] | None,
     limits: Limits,
 ) -> ValidationReport:
-    """Validate a whole input file. `served_models=None` accepts any model id."""
+    """Validate a whole input file. `served_models=None` accepts any model id.
+
+    Stops reading once MAX_REPORTED_PROBLEMS are found or the request limit is
+    passed; `total` then counts only what was read (the file is refused anyway).
+    """
     report = ValidationReport()
     problems = report.problems
     kinds: set[str] = set()
@@ -51,100 +57,104 @@ def validate_jsonl(
     total = 0
 
     def problem(code: str, lineno: int | None, text: str, param: str | None = None) -> None:
-        if code in kinds or len(problems) >= MAX_REPORTED_PROBLEMS:
+        if code in kinds:
             return
         kinds.add(code)
         message = f"line {lineno}: {text}" if lineno is not None else text
         problems.append(BatchErrorItem(code=code, message=message, param=param, line=lineno))
-
-    lineno = 0
-    for lineno, line in enumerate(_split_lines(chunks, limits.max_line_bytes), 1):
         if len(problems) >= MAX_REPORTED_PROBLEMS:
-            break  # nothing more would be reported; don't read the rest
-        if line is None:
-            total += 1
-            problem("line_too_large", lineno, f"line is larger than the limit of {limits.max_line_bytes} bytes.")
-            continue
-        if lineno == 1 and line.startswith(_BOM):
-            line = line[len(_BOM):]
-        try:
-            # Fast path first: blank and broken lines are rare, so they are only
-            # told apart after orjson refuses them.
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            if not line.strip():
-                continue  # blank line: skipped, but it keeps its line number
-            total += 1
+            raise _Stop  # nothing more would be reported: don't read the rest
+
+    def too_many(lineno: int) -> None:
+        problem("too_many_requests", lineno, f"file has more than {max_requests} requests.")
+        raise _Stop  # the file is refused anyway; parsing the rest is wasted work
+
+    loads = orjson.loads
+    try:
+        for lineno, line in enumerate(_split_lines(chunks, limits.max_line_bytes), 1):
+            if line is None:
+                total += 1
+                if total > max_requests:
+                    too_many(lineno)
+                problem("line_too_large", lineno, f"line is larger than the limit of {limits.max_line_bytes} bytes.")
+                continue
             try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                problem("invalid_encoding", lineno, "file is not valid UTF-8.")
-            else:
-                problem("invalid_json", lineno, "line is not valid JSON.")
-            continue
-        total += 1
-        if total > max_requests:
-            problem("too_many_requests", lineno, f"file has more than {max_requests} requests.")
-            break  # the file is refused anyway; parsing the rest is wasted work
-        if type(obj) is not dict:
-            problem("invalid_line", lineno, "each line must be a JSON object.")
-            continue
+                obj = loads(line)
+            except orjson.JSONDecodeError:  # also what orjson raises past 1024 levels of nesting
+                # Blank and broken lines are rare, so they are told apart only
+                # once orjson has refused them.
+                if not bytes(line).strip():
+                    continue  # blank line: skipped, but it keeps its line number
+                total += 1
+                if total > max_requests:
+                    too_many(lineno)
+                # orjson refuses invalid UTF-8 too; decoding only on failure tells
+                # the two apart without a second pass over every good line.
+                try:
+                    str(line, "utf-8")
+                except UnicodeDecodeError:
+                    problem("invalid_encoding", lineno, "file is not valid UTF-8.")
+                else:
+                    problem("invalid_json", lineno, "line is not valid JSON.")
+                continue
+            total += 1
+            if total > max_requests:
+                too_many(lineno)
+            if type(obj) is not dict:
+                problem("invalid_line", lineno, "each line must be a JSON object.")
+                continue
 
-        custom_id = obj.get("custom_id")
-        method = obj.get("method")
-        url = obj.get("url")
-        body = obj.get("body")
-        if custom_id is None or method is None or url is None or body is None:
-            for name in _REQUIRED:
-                if obj.get(name) is None:
-                    problem("missing_required_parameter", lineno, f"missing required parameter '{name}'.", name)
-                    break
-
-        if custom_id is not None:
-            if type(custom_id) is not str or not custom_id:
-                problem("invalid_custom_id", lineno, "custom_id must be a non-empty string.", "custom_id")
-            else:
+            custom_id = obj.get("custom_id")
+            body = obj.get("body")
+            # One combined test for a well-formed envelope keeps the common case fast;
+            # only a line that fails it pays for finding out why.
+            if (
+                type(custom_id) is str
+                and custom_id
+                and obj.get("method") == "POST"
+                and obj.get("url") == endpoint
+                and type(body) is dict
+                and body.get("stream") in _NO_STREAM
+            ):
                 earlier = first_line_for.setdefault(custom_id, lineno)
-                if earlier != lineno:
-                    problem(
-                        "duplicate_custom_id",
-                        lineno,
-                        f"custom_id {_show(custom_id)} is a duplicate of line {earlier}; custom_ids must be unique.",
-                        "custom_id",
-                    )
-        if method is not None and method != "POST":
-            problem("invalid_method", lineno, f"method must be 'POST', got {_show(method)}.", "method")
-        if url is not None and url != endpoint:
-            problem("mismatched_url", lineno, f"url {_show(url)} does not match the batch endpoint {endpoint!r}.", "url")
-        if body is None:
-            continue
-        if type(body) is not dict:
-            problem("invalid_body", lineno, "body must be a JSON object.", "body")
-            continue
-        if body.get("stream") not in (None, False):
-            problem("unsupported_stream", lineno, "streaming is not supported in batches (body.stream).", "body.stream")
-        line_model = body.get("model")
-        if type(line_model) is not str or not line_model:
-            problem("missing_model", lineno, "body.model is required and must be a non-empty string.", "body.model")
-            continue
-        if line_model == model:
-            continue  # the common case: same model as every line before
-        if served is not None and line_model not in served:
-            problem(
-                "model_not_found",
-                lineno,
-                f"model {_show(line_model)} is not served here; served models: {', '.join(sorted(served)) or '(none)'}.",
-                "body.model",
-            )
-        if model is None:
-            model = line_model
-        else:
-            problem(
-                "mixed_models",
-                lineno,
-                f"model {_show(line_model)} differs from {_show(model)}; a batch must use a single model.",
-                "body.model",
-            )
+            else:
+                for code, text, param in _envelope_problems(obj, endpoint):
+                    problem(code, lineno, text, param)
+                valid_id = type(custom_id) is str and custom_id
+                earlier = first_line_for.setdefault(custom_id, lineno) if valid_id else lineno
+                if type(body) is not dict:
+                    continue
+            if earlier != lineno:
+                problem(
+                    "duplicate_custom_id",
+                    lineno,
+                    f"custom_id {_show(custom_id)} is a duplicate of line {earlier}; custom_ids must be unique.",
+                    "custom_id",
+                )
+            line_model = body.get("model")
+            if model is not None and line_model == model:
+                continue  # the common case: same model as every line before
+            if type(line_model) is not str or not line_model:
+                problem("missing_model", lineno, "body.model is required and must be a non-empty string.", "body.model")
+                continue
+            if served is not None and line_model not in served:
+                problem(
+                    "model_not_found",
+                    lineno,
+                    f"model {_show(line_model)} is not served here; served models: {', '.join(sorted(served)) or '(none)'}.",
+                    "body.model",
+                )
+            if model is None:
+                model = line_model
+            else:
+                problem(
+                    "mixed_models",
+                    lineno,
+                    f"model {_show(line_model)} differs from {_show(model)}; a batch must use a single model.",
+                    "body.model",
+                )
+    except _Stop:
+        pass
 
     if total == 0 and not problems:
         problem("empty_file", None, "The input file is empty: it has no requests.")
@@ -153,40 +163,90 @@ def validate_jsonl(
     return report
 
 
+class _Stop(Exception):
+    """Ends validation early; the report is already complete."""
+
+
+def _envelope_problems(obj: dict, endpoint: str) -> list[tuple[str, str, str | None]]:
+    """Every problem of a line's envelope (all but custom_id uniqueness and model)."""
+    found = []
+    for name in _REQUIRED:
+        if obj.get(name) is None:
+            found.append(("missing_required_parameter", f"missing required parameter '{name}'.", name))
+            break
+    custom_id, method, url, body = (obj.get(name) for name in _REQUIRED)
+    if custom_id is not None and (type(custom_id) is not str or not custom_id):
+        found.append(("invalid_custom_id", "custom_id must be a non-empty string.", "custom_id"))
+    if method is not None and method != "POST":
+        found.append(("invalid_method", f"method must be 'POST', got {_show(method)}.", "method"))
+    if url is not None and url != endpoint:
+        found.append(("mismatched_url", f"url {_show(url)} does not match the batch endpoint {endpoint!r}.", "url"))
+    if body is not None and type(body) is not dict:
+        found.append(("invalid_body", "body must be a JSON object.", "body"))
+    elif body is not None and body.get("stream") not in _NO_STREAM:
+        found.append(("unsupported_stream", "streaming is not supported in batches (body.stream).", "body.stream"))
+    return found
+
+
 def _show(value: object) -> str:
     """A user value quoted for a message, cut short (a custom_id may be ~1 MB)."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _split_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[bytes | None]:
+def _split_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[bytes | memoryview | None]:
     """Yield each line without its b'\\n', or None for a line over max_line_bytes.
 
-    Never buffers more than max_line_bytes of a line (plus one chunk): once a line
-    is known to be too large, the rest of it is skipped up to the next newline.
+    Lines inside a chunk are zero-copy memoryview slices (copying every line
+    costs more than parsing it). Never buffers more than max_line_bytes of a
+    line: once a line is known to be too large, the rest of it is skipped.
     """
-    pending = b""
+    pending = b""  # the start of a line carried over from earlier chunks
     skipping = False  # inside a too-large line already reported as None
-    for chunk in chunks:
+    for chunk in _strip_bom(chunks):
         if not chunk:
             continue
-        if skipping:
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        start = 0
+        if skipping or pending:
             cut = chunk.find(b"\n")
             if cut < 0:
+                if not skipping:
+                    if len(pending) + len(chunk) > max_line_bytes:
+                        yield None
+                        pending, skipping = b"", True
+                    else:
+                        pending += chunk
                 continue
-            skipping = False
-            chunk = chunk[cut + 1 :]
-        data = pending + chunk if pending else chunk
-        lines = data.split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            yield None if len(line) > max_line_bytes else line
-        if len(pending) > max_line_bytes:
+            if not skipping:
+                yield pending + chunk[:cut] if len(pending) + cut <= max_line_bytes else None
+            pending, skipping = b"", False
+            start = cut + 1
+        view = memoryview(chunk)
+        find = chunk.find
+        while (cut := find(b"\n", start)) >= 0:
+            yield view[start:cut] if cut - start <= max_line_bytes else None
+            start = cut + 1
+        if len(chunk) - start > max_line_bytes:
             yield None
-            pending = b""
             skipping = True
+        elif start < len(chunk):
+            pending = chunk[start:]
     if pending:
-        yield None if len(pending) > max_line_bytes else pending
+        yield pending
+
+
+def _strip_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The chunks, minus a UTF-8 byte-order mark at the very start of the file."""
+    chunks = iter(chunks)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= len(_BOM):
+            break
+    yield head[len(_BOM) :] if head.startswith(_BOM) else head
+    yield from chunks
 
 
 def raise_for_report(report: ValidationReport) -> None:

@@ -113,21 +113,17 @@ def build_batch_resource(
         spec["shards"] = shards
     if parallelism is not None:
         spec["parallelism"] = parallelism
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {LABEL_PROJECT: label_value(record.project), LABEL_MANAGED_BY: "vbatch"},
-            "annotations": {
-                ANNOTATION_BATCH_ID: record.id,
-                ANNOTATION_CREATED_AT: str(record.created_at),
-            },
-        },
-        "spec": spec,
-        "status": build_batch_status(record),
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {LABEL_PROJECT: label_value(record.project), LABEL_MANAGED_BY: "vbatch"},
+        "annotations": {ANNOTATION_BATCH_ID: record.id, ANNOTATION_CREATED_AT: str(record.created_at)},
     }
+    if record.revision is not None:
+        # A PUT carrying it fails with 409 if the CR changed since the record was read.
+        metadata["resourceVersion"] = record.revision
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec,
+            "status": build_batch_status(record)}
 
 
 def build_batch_status(record: BatchRecord) -> dict[str, Any]:
@@ -159,8 +155,6 @@ def build_batch_status(record: BatchRecord) -> dict[str, Any]:
             status[key] = value
     if record.shard_count is not None:
         status["shardCount"] = record.shard_count
-    if record.failure_reason is not None:
-        status["failureReason"] = record.failure_reason
     return status
 
 
@@ -188,7 +182,8 @@ def batch_record_from_resource(obj: dict[str, Any]) -> BatchRecord:
         "output_file_id": status.get("outputFileId"),
         "error_file_id": status.get("errorFileId"),
         "shard_count": status.get("shardCount"),
-        "failure_reason": status.get("failureReason"),
+        # The store's optimistic-concurrency token: saving with a stale one gets 409.
+        "revision": meta.get("resourceVersion"),
         "usage": None
         if usage is None
         else BatchUsage(

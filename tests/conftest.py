@@ -62,3 +62,7 @@ def local_store(tmp_path: Path):
 def object_store(request: pytest.FixtureRequest):
     """Each test using this runs against both stores."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+# --- Kubernetes API emulator (tests/kube) ---------------------------------------
+from kube.fixtures import KubeCluster, kube_cluster  # noqa: E402,F401  (fixture registration)

@@ -378,3 +378,22 @@ def test_storage_down_for_good_fails_the_run_and_a_rerun_still_gives_exactly_onc
 
     assert Counter(r["custom_id"] for r in results(store)) == Counter(f"r{i}" for i in range(20))
     assert progress.finished and progress.completed == 20
+
+
+def test_run_and_resume_on_every_storage_backend(object_store):
+    write_shard(object_store, [request(f"r{i}", "a b") for i in range(30)])
+    stop = asyncio.Event()
+
+    class StopAfter(Recording):
+        async def chat_completion(self, body, request_id):
+            if len(self.seen) == 10:
+                stop.set()
+            return await super().chat_completion(body, request_id)
+
+    first = run(object_store, StopAfter(EchoEngine(max_in_flight=2)), stop=stop, part_max_results=4)
+    second = run(object_store, EchoEngine(), part_max_results=4)
+
+    assert not first.finished and 0 < first.completed < 30
+    assert Counter(r["custom_id"] for r in results(object_store)) == Counter(f"r{i}" for i in range(30))
+    assert second.finished and (second.completed, second.total) == (30, 30)
+    assert stored_progress(object_store) == second

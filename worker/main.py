@@ -59,7 +59,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument("--part-max-seconds", type=float, default=settings.part_max_seconds)
     p.add_argument("--stop-grace-seconds", type=float, default=10.0,
                    help="after SIGTERM, how long in-flight requests may still finish")
-    p.add_argument("--echo-delay-per-token", type=float, default=0.0,
+    p.add_argument("--echo-delay-per-token", type=float, default=settings.echo_delay_per_token,
                    help="echo engine only: simulated seconds per generated token")
     p.add_argument("--echo-max-in-flight", type=int, default=64, help="echo engine only")
     return p

@@ -219,13 +219,14 @@ class _ShardRun:
         request_id = new_request_id()
         try:
             reply = await self.engine.chat_completion(request.body, request_id)
-        except Exception as exc:  # one bad request must never take the shard down
+            # Non-200 replies keep their status and `{"error": ...}` body, as OpenAI does.
+            response = ResponseEnvelope(
+                status_code=reply.status_code, request_id=request_id, body=reply.body
+            )
+        except Exception as exc:  # one bad request (or reply) must never take the shard down
             log.exception("engine failed on custom_id %s", request.custom_id)
-            message = f"{type(exc).__name__}: {exc}"
-            error = LineError(code="engine_error", message=message)
+            error = LineError(code="engine_error", message=f"{type(exc).__name__}: {exc}")
             return ResultLine(id=line_id, custom_id=request.custom_id, error=error)
-        # Non-200 replies keep their status and `{"error": ...}` body, as OpenAI does.
-        response = ResponseEnvelope(status_code=reply.status_code, request_id=request_id, body=reply.body)
         return ResultLine(id=line_id, custom_id=request.custom_id, response=response)
 
     def _collect(self, line: ResultLine) -> None:
@@ -282,7 +283,7 @@ class _ShardRun:
         del self.buffer[:count]
         if self.buffer:
             self.buffer_since = asyncio.get_running_loop().time()
-        data = b"".join(orjson.dumps(line.model_dump(mode="json")) + b"\n" for line in lines)
+        data = b"".join(line.model_dump_json().encode() + b"\n" for line in lines)
         key = layout.part_key(self.project, self.batch_id, self.shard, self.next_part)
         # Another pod of the same index may have written this number meanwhile;
         # never overwrite a finished part (that would lose its results).

@@ -85,6 +85,9 @@ class KubeEmulator(kmock.KubernetesScaffold):
         for spec in builtin_specs():
             self.store.register(spec)
         self.store.create(kmock.resource("", "v1", "namespaces"), None, {"metadata": {"name": "default"}})
+        # The official client asks for `/apis/` and `/api/`; the API server ignores the slash.
+        self.fallback["get /apis/"] << self._serve_apis
+        self.fallback["get /api/"] << self._serve_api
         # Lowest priority of all: user reactions and kmock's discovery documents come first.
         self.fallback[lambda request: request.resource is not None and request.resource.plural is not None] \
             << self._dispatch
@@ -142,9 +145,21 @@ class KubeEmulator(kmock.KubernetesScaffold):
                 "gitCommit": "", "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z",
                 "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64"}
 
+    async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
+        # kmock repeats short names on `batches/status` entries; kubectl then warns that
+        # `vb` is ambiguous. The API server lists subresources without names or categories.
+        doc = await super()._serve_version(request)
+        for entry in doc["resources"]:
+            if "/" in entry["name"]:
+                entry["shortNames"], entry["categories"] = [], []
+        return doc
+
     async def _dispatch(self, request: rendering.Request) -> rendering.Payload:
+        # Always a Response with an explicit status: kmock 0.8 copies a returned Response's
+        # status onto the (shared) reaction, so one 201 would otherwise stick to every later reply.
         try:
-            return await self._serve(request)
+            result = await self._serve(request)
+            return result if isinstance(result, kmock.Response) else kmock.Response(status=200, payload=result)
         except semantics.PatchError as exc:
             raise error(422, "Invalid", str(exc)) from exc
         except SelectorError as exc:
@@ -159,7 +174,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
         params = request.params
         method = request.method
         if method == enums.method.GET:
-            if params.get("watch") in ("true", "1"):
+            if params.get("watch", "").lower() in ("true", "1", "t"):  # Go's ParseBool; the client sends True
                 return self._watch(request, spec, ns)
             if request.name is not None:
                 obj = self.store.get(spec.resource, ns, request.name)

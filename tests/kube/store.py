@@ -27,7 +27,8 @@ _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # the API server's generateName alp
 
 
 def error(code: int, reason: str, message: str, **details: Any) -> kmock.KubernetesError:
-    return kmock.KubernetesError(status=code, reason=reason, message=message, details=details or {})
+    # Never empty: kmock fills empty details with a server-side traceback.
+    return kmock.KubernetesError(status=code, reason=reason, message=message, details=details or {"causes": []})
 
 
 def now_rfc3339() -> str:

@@ -147,6 +147,10 @@ class VllmEngine:
             self.start_seconds,
             self._max_num_seqs,
         )
+        # A lazy import inside vLLM keeps this frame reachable after start() returns;
+        # drop our references so close() really frees the AsyncLLM (otherwise its
+        # __del__ runs again at interpreter exit and prints a TypeError).
+        del engine_client, state, args
 
     async def chat_completion(self, body: dict[str, Any], request_id: str) -> EngineReply:
         if self._chat is None:

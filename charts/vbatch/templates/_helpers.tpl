@@ -90,38 +90,39 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "vbatch.keysDir" -}}/etc/vbatch/keys{{- end }}
 {{- define "vbatch.caDir" -}}/etc/vbatch/ca{{- end }}
 
-{{/* Storage settings as env, the same for gateway, operator and worker pods (the worker
-gets them through the worker config, since the operator builds its pods). */}}
-{{- define "vbatch.storageEnv" -}}
-- name: VBATCH_STORAGE
-  value: s3
-- name: VBATCH_S3_ENDPOINT
-  value: {{ .Values.storage.endpoint | quote }}
-- name: VBATCH_S3_BUCKET
-  value: {{ .Values.storage.bucket | quote }}
-- name: VBATCH_S3_SECURE
-  value: {{ .Values.storage.secure | toString | quote }}
+{{/* Plain (non-secret) settings every vbatch process reads, as a name -> value map: the
+gateway and operator get them as env entries, the worker pods through the worker config
+(whose `env` is such a map). */}}
+{{- define "vbatch.plainEnv" -}}
+VBATCH_STORAGE: s3
+VBATCH_S3_ENDPOINT: {{ .Values.storage.endpoint | quote }}
+VBATCH_S3_BUCKET: {{ .Values.storage.bucket | quote }}
+VBATCH_S3_SECURE: {{ .Values.storage.secure | toString | quote }}
 {{- with .Values.storage.region }}
-- name: VBATCH_S3_REGION
-  value: {{ . | quote }}
+VBATCH_S3_REGION: {{ . | quote }}
 {{- end }}
-- name: VBATCH_S3_ACCESS_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "vbatch.storageSecretName" . }}
-      key: {{ .Values.storage.existingSecretKeys.accessKey }}
-- name: VBATCH_S3_SECRET_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "vbatch.storageSecretName" . }}
-      key: {{ .Values.storage.existingSecretKeys.secretKey }}
 {{- if .Values.storage.caConfigMap }}
 # The S3 client (minio, over urllib3) trusts the bundle SSL_CERT_FILE names.
-- name: SSL_CERT_FILE
-  value: {{ printf "%s/%s" (include "vbatch.caDir" .) .Values.storage.caConfigMapKey | quote }}
+SSL_CERT_FILE: {{ printf "%s/%s" (include "vbatch.caDir" .) .Values.storage.caConfigMapKey | quote }}
 {{- end }}
-- name: VBATCH_MODEL_CATALOG
-  value: {{ include "vbatch.configDir" . }}/catalog.yaml
+VBATCH_MODEL_CATALOG: {{ include "vbatch.configDir" . }}/catalog.yaml
+{{- end }}
+
+{{/* The storage credentials' Secret keys are the setting names themselves, so worker pods
+can take the whole Secret with envFrom (the operator's worker config names Secrets, not
+keys) while gateway and operator reference the same keys one by one. */}}
+{{- define "vbatch.storageEnv" -}}
+{{- range $name, $value := include "vbatch.plainEnv" . | fromYaml }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- range list "VBATCH_S3_ACCESS_KEY" "VBATCH_S3_SECRET_KEY" }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "vbatch.storageSecretName" $ }}
+      key: {{ . }}
+{{- end }}
 {{- end }}
 
 {{/* Volumes every vbatch pod has: a writable /tmp (the root filesystem is read-only), the
