@@ -170,7 +170,7 @@ def test_greedy_answer_and_response_shape(engine: VllmEngine, run) -> None:
 @pytest.mark.vllm
 def test_engine_reports_its_scheduler_and_template(engine: VllmEngine) -> None:
     # After start(), max_in_flight derives from vLLM's actual max_num_seqs.
-    assert engine.max_in_flight == 2 * engine._max_num_seqs
+    assert engine.max_num_seqs and engine.max_in_flight == 2 * engine.max_num_seqs
     assert engine.chat_template and "<|im_start|>" in engine.chat_template
     assert engine.start_seconds is not None and engine.start_seconds > 0
 

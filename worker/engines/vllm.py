@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import os
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -71,6 +73,11 @@ class VllmEngine:
         self.start_seconds: float | None = None
 
     @property
+    def max_num_seqs(self) -> int | None:
+        """vLLM's scheduler batch size: the spec's, or vLLM's default once started."""
+        return self._max_num_seqs
+
+    @property
     def max_in_flight(self) -> int:
         # Twice the scheduler's batch: enough queued that a finished sequence is
         # replaced at once, without parking thousands of requests in vLLM's queue.
@@ -93,7 +100,7 @@ class VllmEngine:
         if current_platform.is_cpu():
             # torch.compile + graph capture costs minutes on a CPU and buys little.
             overrides["enforce_eager"] = True
-            overrides["max_model_len"] = CPU_DEFAULT_MAX_MODEL_LEN
+            overrides["max_model_len"] = _cpu_max_model_len(self.spec.path)
         if self.spec.max_num_seqs is not None:
             overrides["max_num_seqs"] = self.spec.max_num_seqs
         overrides.update(self.spec.engine_args)
@@ -202,6 +209,16 @@ class VllmEngine:
             # The AsyncLLM sits in reference cycles; collect it now, while modules are
             # alive, or its __del__ runs at interpreter exit and prints a TypeError.
             gc.collect()
+
+
+def _cpu_max_model_len(model_dir: str) -> int:
+    # vLLM refuses a max_model_len above the model's own limit, so never raise it.
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        limit = int(cfg.get("max_position_embeddings") or CPU_DEFAULT_MAX_MODEL_LEN)
+    except (OSError, ValueError, TypeError):
+        limit = CPU_DEFAULT_MAX_MODEL_LEN
+    return min(CPU_DEFAULT_MAX_MODEL_LEN, limit)
 
 
 def _error_reply(err: Any) -> EngineReply:

@@ -1,0 +1,167 @@
+"""The single-node driver end to end, without HTTP: real worker subprocesses with
+the echo test engine, a SQLite store, a local object store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import orjson
+import pytest
+
+from vbatch.core import state
+from vbatch.core.config import Settings
+from vbatch.core.files import FileService
+from vbatch.core.schemas import BatchStatus, FilePurpose
+from vbatch.core.sqlite_store import SqliteBatchStore
+from vbatch.core.storage.local import LocalObjectStore
+from vbatch.operator.local_executor import LocalExecutor
+
+P = "proj"
+
+
+def lines(n: int, words: int = 4) -> bytes:
+    out = []
+    for i in range(n):
+        body = {"model": "m", "messages": [{"role": "user", "content": " ".join(f"w{i}" for _ in range(words))}]}
+        out.append(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+    return b"\n".join(out) + b"\n"
+
+
+class Node:
+    """A single-node setup in a temp dir; `executor()` starts a (new) driver."""
+
+    def __init__(self, tmp_path, **overrides):
+        self.settings = Settings(data_dir=tmp_path, engine="echo", shard_target_requests=10, part_max_results=5,
+                                 part_max_seconds=0.2, **overrides)
+        self.store = LocalObjectStore(self.settings.storage_dir)
+        self.files = FileService(self.store)
+        self.batches = SqliteBatchStore(tmp_path / "batches.sqlite3")
+        self.running: list[LocalExecutor] = []
+
+    def executor(self) -> LocalExecutor:
+        ex = LocalExecutor(settings=self.settings, store=self.store, files=self.files, batches=self.batches,
+                           served_models=None, engine="echo", poll_seconds=0.1)
+        ex.start()
+        self.running.append(ex)
+        return ex
+
+    def submit(self, n: int, window: int = 3600):
+        f = self.files.create(P, iter([lines(n)]), filename="in.jsonl", purpose=FilePurpose.BATCH)
+        record = state.new_batch(project=P, input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                 metadata=None, total=n, model="m", window_seconds=window, now=int(time.time()))
+        self.batches.create(record)
+        return record
+
+    def wait(self, batch_id, statuses, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            record = self.batches.get(P, batch_id)
+            if record.status in statuses:
+                return record
+            time.sleep(0.1)
+        raise AssertionError(f"batch stuck in {record.status}: {record.request_counts}")
+
+    def results(self, record):
+        out = {}
+        for file_id in (record.output_file_id, record.error_file_id):
+            if file_id:
+                _, chunks = self.files.open(P, file_id)
+                for line in b"".join(chunks).splitlines():
+                    item = orjson.loads(line)
+                    assert item["custom_id"] not in out, "a custom_id appears twice"
+                    out[item["custom_id"]] = item
+        return out
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = Node(tmp_path)
+    yield n
+    for ex in n.running:
+        ex.stop()
+
+
+def test_batch_completes_with_exact_counts_and_results(node):
+    node.executor()
+    record = node.submit(25)
+    done = node.wait(record.id, {BatchStatus.COMPLETED})
+    assert done.shard_count == 3
+    assert done.request_counts.model_dump() == {"total": 25, "completed": 25, "failed": 0}
+    results = node.results(done)
+    assert sorted(results) == sorted(f"r{i}" for i in range(25))
+    assert results["r7"]["response"]["body"]["choices"][0]["message"]["content"] == "w7 w7 w7 w7"
+    assert done.usage.output_tokens == 25 * 4
+    assert list(node.store.list(f"projects/{P}/batches/")) == []  # working data removed
+
+
+def test_counts_move_while_in_progress_and_cancel_keeps_partial_results(tmp_path):
+    node = Node(tmp_path, echo_delay_per_token=0.02)
+    node.executor()
+    record = node.submit(60)
+    deadline = time.time() + 30
+    while node.batches.get(P, record.id).request_counts.completed == 0:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    mid = node.batches.get(P, record.id)
+    assert mid.status == BatchStatus.IN_PROGRESS and 0 < mid.request_counts.completed < 60
+    assert node.batches.request_cancel(P, record.id).status == BatchStatus.CANCELLING
+    done = node.wait(record.id, {BatchStatus.CANCELLED})
+    results = node.results(done)
+    assert len(results) == 60
+    cancelled = [r for r in results.values() if r["error"] and r["error"]["code"] == "batch_cancelled"]
+    assert cancelled and done.request_counts.completed == 60 - len(cancelled) > 0
+    for ex in node.running:
+        ex.stop()
+
+
+def test_expiry_keeps_partial_results(tmp_path):
+    node = Node(tmp_path, echo_delay_per_token=0.05)
+    node.executor()
+    record = node.submit(40, window=2)
+    done = node.wait(record.id, {BatchStatus.EXPIRED}, timeout=30)
+    results = node.results(done)
+    assert len(results) == 40 and done.expired_at is not None
+    assert any(r["error"] and r["error"]["code"] == "batch_expired" for r in results.values())
+    for ex in node.running:
+        ex.stop()
+
+
+def test_a_killed_worker_is_restarted_and_nothing_is_lost_or_doubled(tmp_path):
+    node = Node(tmp_path, echo_delay_per_token=0.01)
+    ex = node.executor()
+    record = node.submit(30)
+    killed = 0
+    deadline = time.time() + 30
+    while killed < 2 and time.time() < deadline:
+        slot = ex._slots[0]
+        if slot.process is not None and slot.current is not None and node.batches.get(P, record.id).request_counts.completed > 5 * killed:
+            os.kill(slot.process.pid, signal.SIGKILL)
+            killed += 1
+            time.sleep(0.5)
+        time.sleep(0.05)
+    assert killed == 2
+    done = node.wait(record.id, {BatchStatus.COMPLETED})
+    assert done.request_counts.model_dump() == {"total": 30, "completed": 30, "failed": 0}
+    assert len(node.results(done)) == 30
+    for e in node.running:
+        e.stop()
+
+
+def test_a_restarted_executor_resumes_unfinished_batches(tmp_path):
+    node = Node(tmp_path, echo_delay_per_token=0.02)
+    first = node.executor()
+    record = node.submit(30)
+    node.wait(record.id, {BatchStatus.IN_PROGRESS})
+    deadline = time.time() + 30
+    while node.batches.get(P, record.id).request_counts.completed < 5:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    first.stop()
+    node.running.remove(first)
+    node.executor()
+    done = node.wait(record.id, {BatchStatus.COMPLETED})
+    assert done.request_counts.completed == 30 and len(node.results(done)) == 30
+    for e in node.running:
+        e.stop()
