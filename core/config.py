@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     # Worker flushes a result part every N results or T seconds, whichever first.
     part_max_results: int = 64
     part_max_seconds: float = 2.0
+    # After SIGTERM (cancel, expiry, pod eviction), how long in-flight requests may finish.
+    stop_grace_seconds: float = 10.0
 
     limits: Limits = Field(default_factory=Limits)
 

@@ -21,10 +21,12 @@ from vbatch.operator.local_executor import LocalExecutor
 P = "proj"
 
 
-def lines(n: int, words: int = 4) -> bytes:
+def lines(n: int, words: int | None = 4) -> bytes:
+    """n requests; words=None varies the reply length (1..8 words) so they finish at different times."""
     out = []
     for i in range(n):
-        body = {"model": "m", "messages": [{"role": "user", "content": " ".join(f"w{i}" for _ in range(words))}]}
+        count = words if words is not None else i % 8 + 1
+        body = {"model": "m", "messages": [{"role": "user", "content": " ".join(f"w{i}" for _ in range(count))}]}
         out.append(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
     return b"\n".join(out) + b"\n"
 
@@ -33,8 +35,8 @@ class Node:
     """A single-node setup in a temp dir; `executor()` starts a (new) driver."""
 
     def __init__(self, tmp_path, **overrides):
-        self.settings = Settings(data_dir=tmp_path, engine="echo", shard_target_requests=10, part_max_results=5,
-                                 part_max_seconds=0.2, **overrides)
+        options = {"engine": "echo", "shard_target_requests": 10, "part_max_results": 5, "part_max_seconds": 0.2}
+        self.settings = Settings(data_dir=tmp_path, **(options | overrides))
         self.store = LocalObjectStore(self.settings.storage_dir)
         self.files = FileService(self.store)
         self.batches = SqliteBatchStore(tmp_path / "batches.sqlite3")
@@ -47,8 +49,8 @@ class Node:
         self.running.append(ex)
         return ex
 
-    def submit(self, n: int, window: int = 3600):
-        f = self.files.create(P, iter([lines(n)]), filename="in.jsonl", purpose=FilePurpose.BATCH)
+    def submit(self, n: int, window: int = 3600, words: int | None = 4):
+        f = self.files.create(P, iter([lines(n, words)]), filename="in.jsonl", purpose=FilePurpose.BATCH)
         record = state.new_batch(project=P, input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
                                  metadata=None, total=n, model="m", window_seconds=window, now=int(time.time()))
         self.batches.create(record)
@@ -117,7 +119,9 @@ def test_counts_move_while_in_progress_and_cancel_keeps_partial_results(tmp_path
 
 
 def test_expiry_keeps_partial_results(tmp_path):
-    node = Node(tmp_path, echo_delay_per_token=0.05)
+    # Each request takes 4 words x 1 s: the 2 s window ends first, and the worker's
+    # short stop grace abandons what is still running.
+    node = Node(tmp_path, echo_delay_per_token=1.0, stop_grace_seconds=0.5)
     node.executor()
     record = node.submit(40, window=2)
     done = node.wait(record.id, {BatchStatus.EXPIRED}, timeout=30)
@@ -129,22 +133,23 @@ def test_expiry_keeps_partial_results(tmp_path):
 
 
 def test_a_killed_worker_is_restarted_and_nothing_is_lost_or_doubled(tmp_path):
-    node = Node(tmp_path, echo_delay_per_token=0.01)
+    node = Node(tmp_path, echo_delay_per_token=0.1, shard_target_requests=40)
     ex = node.executor()
-    record = node.submit(30)
-    killed = 0
-    deadline = time.time() + 30
+    record = node.submit(40, words=None)  # one shard; replies take 0.1..0.8 s
+    killed, done_at_kill = 0, -1
+    deadline = time.time() + 60
     while killed < 2 and time.time() < deadline:
         slot = ex._slots[0]
-        if slot.process is not None and slot.current is not None and node.batches.get(P, record.id).request_counts.completed > 5 * killed:
-            os.kill(slot.process.pid, signal.SIGKILL)
-            killed += 1
-            time.sleep(0.5)
-        time.sleep(0.05)
+        completed = node.batches.get(P, record.id).request_counts.completed
+        if slot.process is not None and slot.current is not None and 0 < completed < 40 and completed > done_at_kill:
+            os.kill(slot.process.pid, signal.SIGKILL)  # mid-shard, after some parts were written
+            killed, done_at_kill = killed + 1, completed
+        time.sleep(0.02)
     assert killed == 2
     done = node.wait(record.id, {BatchStatus.COMPLETED})
-    assert done.request_counts.model_dump() == {"total": 30, "completed": 30, "failed": 0}
-    assert len(node.results(done)) == 30
+    assert done.request_counts.model_dump() == {"total": 40, "completed": 40, "failed": 0}
+    assert len(node.results(done)) == 40
+    assert done.usage.output_tokens == sum(i % 8 + 1 for i in range(40))
     for e in node.running:
         e.stop()
 

@@ -57,7 +57,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
                    help="long-lived: read shard tasks as JSON lines on stdin")
     p.add_argument("--part-max-results", type=int, default=settings.part_max_results)
     p.add_argument("--part-max-seconds", type=float, default=settings.part_max_seconds)
-    p.add_argument("--stop-grace-seconds", type=float, default=10.0,
+    p.add_argument("--stop-grace-seconds", type=float, default=settings.stop_grace_seconds,
                    help="after SIGTERM, how long in-flight requests may still finish")
     p.add_argument("--echo-delay-per-token", type=float, default=settings.echo_delay_per_token,
                    help="echo engine only: simulated seconds per generated token")

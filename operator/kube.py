@@ -1,0 +1,117 @@
+"""Every Kubernetes API call the operator's own code makes (kopf makes its own).
+
+Thin wrappers over the official client that speak plain dicts, translate 404 to
+None and 409 on a compare-and-swap to StaleRecord. The handlers decide; this only
+talks to the API server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from vbatch.core.batch_store import StaleRecord
+from vbatch.operator.builders import GROUP, LABEL_BATCH, PLURAL, VERSION, build_event
+
+log = logging.getLogger("vbatch.operator")
+
+# The API calls of this module, as RBAC sees them: tests/test_rbac_usage.py checks this
+# table against what the emulator recorded, and both against the chart's expectations.
+RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
+    (GROUP, PLURAL): frozenset({"get"}),
+    (GROUP, f"{PLURAL}/status"): frozenset({"patch"}),
+    ("batch", "jobs"): frozenset({"create", "get", "delete"}),
+    ("", "pods"): frozenset({"list"}),
+    ("", "events"): frozenset({"create"}),
+}
+
+
+class Kube:
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.namespace = namespace
+        self.crs = kubernetes.client.CustomObjectsApi(api)
+        self.batch = kubernetes.client.BatchV1Api(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+        self._api = api
+
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        # Typed client models -> the camelCase dicts the builders and observe() read.
+        return self._api.sanitize_for_serialization(obj)
+
+    # --- Batch -------------------------------------------------------------------
+
+    def get_batch(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.crs.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_batch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
+        """Compare-and-swap on resourceVersion: StaleRecord when the Batch changed since
+        it was read (a cancel arrived, kopf wrote its progress)."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            return self.crs.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name, body)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise StaleRecord(name) from exc
+            raise
+
+    # --- the shard Job -----------------------------------------------------------
+
+    def get_job(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self._plain(self.batch.read_namespaced_job(name, self.namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_job(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(job, created). A Job of that name already there (an earlier attempt of this
+        operator, or its predecessor before a restart) is adopted, never duplicated."""
+        try:
+            return self._plain(self.batch.create_namespaced_job(self.namespace, body)), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self.get_job(body["metadata"]["name"])
+        if existing is None:
+            raise StaleRecord(body["metadata"]["name"])  # deleted in between: decide again
+        return existing, False
+
+    def delete_job(self, name: str) -> bool:
+        """Background propagation: the pods go too (with Orphan, the legacy default for
+        Jobs, they would keep running). False when the Job was already gone."""
+        try:
+            self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background")
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def count_pods(self, batch_name: str) -> int:
+        """Pods of this batch's Job still present, terminating ones included: only
+        when none remain have the workers flushed their last results."""
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{LABEL_BATCH}={batch_name}")
+        return len(pods.items)
+
+    # --- Events ------------------------------------------------------------------
+
+    def post_event(self, batch: dict[str, Any], reason: str, message: str, type: str = "Normal") -> None:
+        """An Event `kubectl describe batch` shows. Best effort: never fails a step."""
+        event = build_event(involved=batch, reason=reason, message=message, type=type,
+                            now=datetime.datetime.now(datetime.timezone.utc))
+        try:
+            self.core.create_namespaced_event(self.namespace, event)
+        except ApiException as exc:
+            log.warning("could not post event %s on %s: %s", reason, batch["metadata"]["name"], exc.reason)
