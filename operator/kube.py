@@ -22,7 +22,7 @@ log = logging.getLogger("vbatch.operator")
 # The API calls of this module, as RBAC sees them: tests/test_rbac_usage.py checks this
 # table against what the emulator recorded, and both against the chart's expectations.
 RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
-    (GROUP, PLURAL): frozenset({"get"}),
+    (GROUP, PLURAL): frozenset({"get", "patch"}),
     (GROUP, f"{PLURAL}/status"): frozenset({"patch"}),
     ("batch", "jobs"): frozenset({"create", "get", "delete"}),
     ("", "pods"): frozenset({"list"}),
@@ -64,6 +64,9 @@ class Kube:
             if exc.status == 409:
                 raise StaleRecord(name) from exc
             raise
+
+    def patch_batch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.crs.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
 
     # --- the shard Job -----------------------------------------------------------
 

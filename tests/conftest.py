@@ -64,5 +64,20 @@ def object_store(request: pytest.FixtureRequest):
     return request.getfixturevalue(f"{request.param}_store")
 
 
+# --- the real model ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """SmolLM2-135M-Instruct converted for vLLM once, cached across runs
+    (VBATCH_TEST_MODEL_DIR, default ~/.cache/vbatch-test-models)."""
+    import os
+
+    from vbatch.worker.models import prepare_demo_model
+
+    cache = Path(os.environ.get("VBATCH_TEST_MODEL_DIR", Path.home() / ".cache" / "vbatch-test-models"))
+    return prepare_demo_model(cache)
+
+
 # --- Kubernetes API emulator (tests/kube) ---------------------------------------
 from kube.fixtures import KubeCluster, kube_cluster  # noqa: E402,F401  (fixture registration)

@@ -110,14 +110,6 @@ def test_prepare_is_atomic_and_idempotent(tmp_path: Path, monkeypatch) -> None:
 # --- the real engine ------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def demo_model_dir() -> Path:
-    cache = Path(
-        os.environ.get("VBATCH_TEST_MODEL_DIR", Path.home() / ".cache" / "vbatch-test-models")
-    )
-    return models_mod.prepare_demo_model(cache)
-
-
 @pytest.fixture(scope="module")
 def loop():
     loop = asyncio.new_event_loop()

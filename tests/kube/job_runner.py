@@ -1,0 +1,244 @@
+"""Stands in for the Job controller and the kubelet in the emulated cluster.
+
+Polls the emulator's Jobs; for each Indexed Job it starts one local process per
+index (the pod's container command, `vbatch ...` run as `python -m vbatch ...`, with
+the pod's env plus JOB_COMPLETION_INDEX), at most `parallelism` at once (and at most
+`capacity` pods cluster-wide: a cluster with few GPUs), retries a failed index up to
+backoffLimitPerIndex, and writes Job status through the status subresource the way
+the real controller does (completedIndexes/failedIndexes interval strings,
+succeeded/failed/active, Complete/Failed conditions).
+
+Pods are real objects too, with a finalizer playing the kubelet: deleting a Pod
+(directly, or through the Job's deletion) marks it terminating, its process gets
+SIGTERM, and only after the process exited does the Pod disappear — so "no pods of
+this Job remain" means what it means on a real cluster.
+
+Fault injection: `fail(job, index, attempt) -> bool` decides that an attempt fails
+(exit code 1) without running the worker; see `fail_once` / `fail_always`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fixtures import KubeCluster
+
+KUBELET_FINALIZER = "vbatch.test/kubelet"
+JOB_API = ("batch/v1", "Job")
+POD_API = ("v1", "Pod")
+FailHook = Callable[[str, int, int], bool]
+
+
+def fail_once(*indexes: int) -> FailHook:
+    return lambda job, index, attempt: index in indexes and attempt == 0
+
+
+def fail_always(*indexes: int) -> FailHook:
+    return lambda job, index, attempt: index in indexes
+
+
+def format_indexes(indexes: set[int]) -> str:
+    """{0,1,2,5} -> "0-2,5" (the Job API's interval notation)."""
+    out: list[str] = []
+    for i in sorted(indexes):
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)  # type: ignore[misc]
+
+
+@dataclass
+class JobState:
+    name: str
+    uid: str
+    completions: int
+    parallelism: int
+    backoff: int
+    pending: list[int]
+    running: dict[int, str] = field(default_factory=dict)  # index -> pod name
+    attempts: dict[int, int] = field(default_factory=dict)
+    completed: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+    failed_pods: int = 0
+    written: dict[str, Any] | None = None
+
+
+class JobRunner:
+    def __init__(self, cluster: KubeCluster, logs: Path, *, fail: FailHook | None = None,
+                 capacity: int = 8, poll: float = 0.1) -> None:
+        self.cluster = cluster
+        self.logs = logs
+        self.fail = fail or (lambda job, index, attempt: False)
+        self.capacity = capacity
+        self.poll = poll
+        self.jobs: dict[str, JobState] = {}  # by Job uid
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}  # by pod name
+        self.terminated: set[str] = set()
+        self.launched: list[tuple[str, int]] = []  # (job, index) per attempt, for assertions
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> JobRunner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._round()
+            except Exception as exc:  # the emulator stopping under us ends the test anyway
+                print(f"job-runner: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self._stop.wait(self.poll)
+
+    # --- one round -------------------------------------------------------------------
+
+    def _round(self) -> None:
+        live = {job["metadata"]["uid"]: job for job in self.cluster.list(*JOB_API)}
+        for uid, job in live.items():
+            if uid not in self.jobs and not job["metadata"].get("deletionTimestamp"):
+                spec = job["spec"]
+                self.jobs[uid] = JobState(
+                    name=job["metadata"]["name"], uid=uid, completions=spec["completions"],
+                    parallelism=spec.get("parallelism", 1), backoff=spec.get("backoffLimitPerIndex", 6),
+                    pending=list(range(spec["completions"])))
+        for uid in [u for u in self.jobs if u not in live]:
+            del self.jobs[uid]  # deleted: its pods are terminating through the pod path below
+        self._kubelet(set(live))
+        for uid, state in self.jobs.items():
+            if live[uid]["spec"].get("suspend"):
+                continue
+            self._reap(state)
+            self._start(state, live[uid])
+            self._write_status(state)
+
+    def _kubelet(self, live_jobs: set[str]) -> None:
+        """Terminating pods: SIGTERM their process once; drop the finalizer once it exited."""
+        for pod in self.cluster.list(*POD_API):
+            meta = pod["metadata"]
+            name = meta["name"]
+            owners = {ref["uid"] for ref in meta.get("ownerReferences") or []}
+            if owners and not owners & live_jobs and not meta.get("deletionTimestamp"):
+                # Created in the instant its Job was deleted: the garbage collector's job.
+                self.cluster.delete(*POD_API, name)
+                continue
+            if not meta.get("deletionTimestamp") or KUBELET_FINALIZER not in (meta.get("finalizers") or []):
+                continue
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                if name not in self.terminated:
+                    self.terminated.add(name)
+                    proc.send_signal(signal.SIGTERM)
+                continue
+            kept = [f for f in meta["finalizers"] if f != KUBELET_FINALIZER]
+            self.cluster.patch(*POD_API, name, {"metadata": {"finalizers": kept or None}})
+
+    def _reap(self, state: JobState) -> None:
+        for index, pod in list(state.running.items()):
+            code = self.procs[pod].poll()
+            if code is None:
+                continue
+            del state.running[index]
+            phase = "Succeeded" if code == 0 else "Failed"
+            try:
+                image = self.cluster.get(*POD_API, pod)["spec"]["containers"][0].get("image", "")
+                self.cluster.patch_status(*POD_API, pod, {"phase": phase, "containerStatuses": [
+                    {"name": "worker", "image": image, "imageID": "", "ready": False, "restartCount": 0,
+                     "state": {"terminated": {"exitCode": code}}}]})
+            except Exception:
+                pass  # the pod is already being deleted
+            if code == 0:
+                state.completed.add(index)
+                continue
+            state.failed_pods += 1
+            state.attempts[index] = state.attempts.get(index, 0) + 1
+            if state.attempts[index] > state.backoff:
+                state.failed.add(index)
+            else:
+                state.pending.append(index)
+
+    def _running_total(self) -> int:
+        return sum(len(s.running) for s in self.jobs.values())
+
+    def _start(self, state: JobState, job: dict[str, Any]) -> None:
+        while state.pending and len(state.running) < state.parallelism and self._running_total() < self.capacity:
+            index = state.pending.pop(0)
+            attempt = state.attempts.get(index, 0)
+            template = job["spec"]["template"]
+            container = template["spec"]["containers"][0]
+            pod_name = f"{state.name}-{index}-{secrets.token_hex(3)}"
+            labels = dict(template["metadata"].get("labels") or {})
+            labels.update({"batch.kubernetes.io/job-name": state.name, "job-name": state.name,
+                           "batch.kubernetes.io/job-completion-index": str(index)})
+            self.cluster.create({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod_name, "labels": labels, "finalizers": [KUBELET_FINALIZER],
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": state.name,
+                                                  "uid": state.uid, "controller": True,
+                                                  "blockOwnerDeletion": True}]},
+                "spec": template["spec"],
+            }, status={"phase": "Running"})
+            env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env") or []},
+                   "JOB_COMPLETION_INDEX": str(index)}
+            if self.fail(state.name, index, attempt):
+                command = [sys.executable, "-c", "raise SystemExit(1)"]
+            else:
+                command = list(container["command"]) + list(container.get("args") or [])
+                if command[0] == "vbatch":
+                    command = [sys.executable, "-m", "vbatch", *command[1:]]
+            log = open(self.logs / f"{pod_name}.log", "wb")
+            self.procs[pod_name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+            state.running[index] = pod_name
+            self.launched.append((state.name, index))
+
+    def _write_status(self, state: JobState) -> None:
+        status: dict[str, Any] = {
+            "active": len(state.running),
+            "succeeded": len(state.completed),
+            "failed": state.failed_pods,
+            "completedIndexes": format_indexes(state.completed) or None,
+            "failedIndexes": format_indexes(state.failed) or None,
+        }
+        if len(state.completed) + len(state.failed) >= state.completions and not state.running:
+            kind, reason = ("Failed", "FailedIndexes") if state.failed else ("Complete", "CompletionsReached")
+            status["conditions"] = [{"type": kind, "status": "True", "reason": reason}]
+        status = {k: v for k, v in status.items() if v is not None}
+        if status == state.written:
+            return
+        try:
+            self.cluster.patch_status(*JOB_API, state.name, status)
+            state.written = status
+        except Exception:
+            pass  # deleted meanwhile
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until no worker process is running (e.g. after a cancel)."""
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in self.procs.values()):
+            if time.monotonic() > deadline:
+                raise AssertionError("worker processes still running")
+            time.sleep(0.1)
