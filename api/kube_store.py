@@ -21,6 +21,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from vbatch import __version__
 from vbatch.core import state
 from vbatch.core.batch_store import StaleRecord
 from vbatch.core.config import Settings
@@ -47,18 +48,22 @@ RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
 CANCEL_ATTEMPTS = 10
 
 
-def api_client() -> kubernetes.client.ApiClient:
+def api_client(component: str = "gateway") -> kubernetes.client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig.
 
     $KUBECONFIG is read now, not at import: the client's default path was frozen when
-    `kubernetes.config` was imported, which may predate the caller setting it.
+    `kubernetes.config` was imported, which may predate the caller setting it. The
+    user agent names the component, so audit logs (and the RBAC test) tell the
+    gateway's calls from the operator's.
     """
     try:
         config = kubernetes.client.Configuration()
         kubernetes.config.load_incluster_config(client_configuration=config)
-        return kubernetes.client.ApiClient(config)
+        client = kubernetes.client.ApiClient(config)
     except kubernetes.config.ConfigException:
-        return kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+        client = kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+    client.user_agent = f"vbatch-{component}/{__version__}"
+    return client
 
 
 class KubeBatchStore:

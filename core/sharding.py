@@ -27,13 +27,17 @@ def _text_chars(content: Any) -> int:
     if isinstance(content, str):
         return len(content)
     if isinstance(content, list):
-        return sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+        # Validation checks the envelope, not the chat schema: any JSON may be here.
+        return sum(len(part["text"]) for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
     return 0
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:
-    """Rough prompt + completion tokens of one chat request (for balancing, not billing)."""
-    messages = body.get("messages") or []
+    """Rough prompt + completion tokens of one chat request (for balancing, not billing).
+    Never raises: a malformed body gets its error line from the engine, not a stuck launch."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list):
+        messages = []
     chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
     prompt = chars // CHARS_PER_TOKEN + 4 * len(messages)
     completion = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_ESTIMATE

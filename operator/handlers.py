@@ -49,7 +49,7 @@ def build_reconciler(settings: Settings | None = None) -> Reconciler:
         settings=settings,
         store=store,
         files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds),
-        kube=Kube(api_client(), settings.namespace),
+        kube=Kube(api_client("operator"), settings.namespace),
         worker=load_worker_config(),
         served_models=served,
         model_gpus=gpus,

@@ -100,10 +100,16 @@ class LocalExecutor:
     def _loop(self) -> None:
         while not self._stopped.is_set():
             try:
-                for record in self.batches.unfinished():
-                    self._step(record)
+                records = self.batches.unfinished()
             except Exception:
                 log.exception("executor round failed; retrying")
+                records = []
+            for record in records:
+                # One batch failing a step (storage down, a bug) must not starve the others.
+                try:
+                    self._step(record)
+                except Exception:
+                    log.exception("batch %s: step failed; retrying next round", record.id)
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 

@@ -349,7 +349,7 @@ def test_valid_lines_with_odd_bodies_get_per_line_results(live: httpx.Client) ->
     counts = batch["request_counts"]
     assert counts["total"] == len(odd_bodies) == counts["completed"] + counts["failed"]
     results = result_lines(live, batch)
-    assert Counter(x["custom_id"] for x in results) == Counter(odd_bodies)
+    assert Counter(x["custom_id"] for x in results) == Counter(list(odd_bodies))
     by_id = {x["custom_id"]: x for x in results}
     assert by_id["ok"]["response"]["status_code"] == 200
     assert by_id["messages-int"]["response"] is None or by_id["messages-int"]["response"]["status_code"] == 400

@@ -174,7 +174,7 @@ def test_cancel_with_kubectl_patch(cluster_env: ClusterEnv):
     with env.operator(), env.job_runner(capacity=2) as runner:
         batch_id = apply_batch(env, file_id)
         name = batch_object_name(batch_id)
-        wait_for(lambda: env.batch(batch_id)["status"], lambda s: s.get("requestCounts", {}).get("completed", 0) > 0)
+        wait_for(lambda: env.batch(batch_id).get("status") or {}, lambda s: s.get("requestCounts", {}).get("completed", 0) > 0)
         env.cluster.patch(BATCH_API, "Batch", name, {"spec": {"cancelRequested": True}})
         obj = env.wait_settled(batch_id)
         runner.wait_idle()
@@ -200,7 +200,7 @@ def test_deleting_a_batch_removes_job_and_working_data_but_keeps_results(cluster
         done_id = apply_batch(env, finished_file)
         done = env.wait_settled(done_id)
         running_id = apply_batch(env, running_file)
-        wait_for(lambda: env.batch(running_id)["status"],
+        wait_for(lambda: env.batch(running_id).get("status") or {},
                  lambda s: s.get("requestCounts", {}).get("completed", 0) > 0)
         assert env.working_objects(PROJECT, running_id)
         assert env.cluster.list("batch/v1", "Job")

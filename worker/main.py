@@ -96,6 +96,13 @@ def _make_engine(args: argparse.Namespace, settings: Settings) -> Engine:
     except Exception as exc:  # unreadable catalog file, unknown model id
         reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise Fatal(f"model catalog: {reason}", EXIT_ENGINE) from exc
+    if spec.is_remote:
+        from vbatch.worker.model_sync import sync_remote_model
+
+        try:
+            spec = sync_remote_model(spec, settings, settings.data_dir / "models" / "cache")
+        except Exception as exc:  # unreachable storage, empty prefix
+            raise Fatal(f"model {spec.id}: cannot copy {spec.path}: {exc}", EXIT_STORAGE) from exc
     return VllmEngine(spec)
 
 

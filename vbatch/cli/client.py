@@ -68,10 +68,12 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def wait(gateway: Gateway, batch: dict[str, Any], interval: float = 1.0) -> dict[str, Any]:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress:
+    # Progress goes to stderr: stdout carries only the batch id, for scripts.
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
         task = progress.add_task(batch["status"], total=batch["request_counts"]["total"] or None, failed=0)
         while True:
             counts = batch["request_counts"]
