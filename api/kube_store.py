@@ -20,8 +20,6 @@ from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
-
-from vbatch import __version__
 from vbatch.core import state
 from vbatch.core.batch_store import StaleRecord
 from vbatch.core.config import Settings
@@ -37,6 +35,8 @@ from vbatch.operator.builders import (
     build_batch_status,
     label_value,
 )
+
+from vbatch import __version__
 
 # The API calls this module makes, as RBAC sees them: tests/test_rbac_usage.py checks
 # this table against the requests the emulator recorded, and against the chart.

@@ -177,7 +177,19 @@ def vbatch_round(input_path: Path, mdir: Path, tmp: Path, round_no: int) -> dict
 
 # --- prefix ordering -------------------------------------------------------------------
 
-async def _prefix_runs(mdir: Path, n: int, groups: int, prompt_words: int, max_tokens: int, rounds: int, tmp: Path) -> dict:
+# name -> (requests, distinct system prompts, words per system prompt). SmolLM2-135M's
+# KV cache here is 1 GiB ~ 46k tokens (30 layers x 3 KV heads x 64 x 2 x bf16 = 23 KB/token).
+PREFIX_WORKLOADS = {
+    # The brief's case: one long system prompt shared by every request.
+    "one_system_prompt": (256, 1, 400),
+    # 64 distinct ~850-token prompts (~54k tokens, more than the KV cache) interleaved
+    # in the file: in file order the cache cycles through them (LRU evicts each prompt
+    # before its group comes back); ordered, each is computed about once.
+    "64_system_prompts": (256, 64, 700),
+}
+
+
+async def _prefix_runs(mdir: Path, workloads: dict, max_tokens: int, rounds: int, tmp: Path) -> dict:
     from vbatch.core import layout
     from vbatch.core.storage.local import LocalObjectStore
     from vbatch.worker.catalog import ModelSpec
@@ -187,32 +199,45 @@ async def _prefix_runs(mdir: Path, n: int, groups: int, prompt_words: int, max_t
     store = LocalObjectStore(tmp / "prefix-store")
     engine = VllmEngine(ModelSpec(id=MODEL_ID, path=str(mdir)))
     await engine.start()
-    best = {"ordered": float("inf"), "file_order": float("inf")}
-    tokens = {}
+    out = {}
     try:
-        for r in range(rounds):
-            for mode in ("ordered", "file_order"):
-                lines = prefix_requests(n, groups, prompt_words, max_tokens, nonce=f"{r}-{mode}")
-                batch_id = f"batch_prefix_{r}_{mode}"
-                store.put_bytes(layout.shard_key("bench", batch_id, 0), b"".join(json.dumps(x).encode() + b"\n" for x in lines))
-                t0 = time.monotonic()
-                progress = await run_shard(store, engine, project="bench", batch_id=batch_id, shard=0,
-                                           window_lines=None if mode == "ordered" else 1)
-                seconds = time.monotonic() - t0
-                assert progress.finished and progress.failed == 0, progress
-                best[mode] = min(best[mode], seconds)
-                tokens[mode] = progress.usage.input_tokens + progress.usage.output_tokens
-                store.delete_prefix(layout.batch_prefix("bench", batch_id))
+        for name, (n, groups, words) in workloads.items():
+            best = {"ordered": float("inf"), "file_order": float("inf")}
+            prompt_tokens = 0
+            for r in range(rounds):
+                for mode in ("ordered", "file_order"):
+                    # A fresh nonce per run: no run finds another run's prompts cached.
+                    lines = prefix_requests(n, groups, words, max_tokens, nonce=f"{name}-{r}-{mode}")
+                    batch_id = f"batch_prefix_{r}_{mode}"
+                    store.put_bytes(layout.shard_key("bench", batch_id, 0), b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+                    t0 = time.monotonic()
+                    progress = await run_shard(store, engine, project="bench", batch_id=batch_id, shard=0,
+                                               window_lines=None if mode == "ordered" else 1)
+                    seconds = time.monotonic() - t0
+                    assert progress.finished and progress.failed == 0, progress
+                    best[mode] = min(best[mode], seconds)
+                    prompt_tokens = progress.usage.input_tokens
+                    store.delete_prefix(layout.batch_prefix("bench", batch_id))
+                print(f"  prefix {name} round {r}: ordered {best['ordered']:.1f}s, file order {best['file_order']:.1f}s",
+                      file=sys.stderr, flush=True)
+            out[name] = {"requests": n, "system_prompts": groups, "prompt_tokens": prompt_tokens,
+                         "ordered_s": round(best["ordered"], 2), "file_order_s": round(best["file_order"], 2),
+                         "speedup": round(best["file_order"] / best["ordered"], 3)}
     finally:
         await engine.close()
-    return {"prefix_ordered_s": round(best["ordered"], 2), "prefix_file_order_s": round(best["file_order"], 2),
-            "prefix_ordering_speedup": round(best["file_order"] / best["ordered"], 3),
-            "prefix_requests": n, "prefix_groups": groups, "prefix_total_tokens": tokens.get("ordered")}
+    return out
 
 
 def child_prefix(args: argparse.Namespace) -> None:
-    result = asyncio.run(_prefix_runs(Path(args.model_dir), args.n, args.groups, args.prompt_words,
-                                      args.max_tokens, args.rounds, Path(args.tmp)))
+    if args.workloads:
+        workloads = {k: tuple(v) for k, v in json.loads(args.workloads).items()}
+        result = asyncio.run(_prefix_runs(Path(args.model_dir), workloads, args.max_tokens, args.rounds, Path(args.tmp)))
+    else:  # one workload given by --n/--groups/--prompt-words (the flat result of earlier versions)
+        one = asyncio.run(_prefix_runs(Path(args.model_dir), {"w": (args.n, args.groups, args.prompt_words)},
+                                       args.max_tokens, args.rounds, Path(args.tmp)))["w"]
+        result = {"prefix_ordered_s": one["ordered_s"], "prefix_file_order_s": one["file_order_s"],
+                  "prefix_ordering_speedup": one["speedup"], "prefix_requests": one["requests"],
+                  "prefix_groups": one["system_prompts"], "prefix_total_tokens": one["prompt_tokens"]}
     print(RESULT + json.dumps(result), flush=True)
 
 
@@ -220,6 +245,10 @@ def prefix_subprocess(mdir: Path, tmp: Path, *, n: int, groups: int, prompt_word
     command = [PYTHON, __file__, "--child", "prefix", "--model-dir", str(mdir), "--tmp", str(tmp), "--n", str(n),
                "--groups", str(groups), "--prompt-words", str(prompt_words), "--max-tokens", str(max_tokens),
                "--rounds", str(rounds)]
+    return _run_child(command, tmp)
+
+
+def _run_child(command: list[str], tmp: Path) -> dict:
     with open(tmp / "prefix.log", "ab") as log:
         out = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, env={**os.environ, **VLLM_ENV},
                              text=True, timeout=1800, check=True).stdout
@@ -229,9 +258,18 @@ def prefix_subprocess(mdir: Path, tmp: Path, *, n: int, groups: int, prompt_word
     raise RuntimeError("prefix child printed no result")
 
 
+def run_prefix(tmpdir: str | Path, workloads: dict | None = None, max_tokens: int = 4, rounds: int = 1) -> dict:
+    """vbatch's prefix-aware window ordering vs file order (window_lines=1), per workload."""
+    tmp = Path(tmpdir)
+    command = [PYTHON, __file__, "--child", "prefix", "--model-dir", str(model_dir()), "--tmp", str(tmp),
+               "--workloads", json.dumps(workloads or PREFIX_WORKLOADS), "--max-tokens", str(max_tokens),
+               "--rounds", str(rounds)]
+    return _run_child(command, tmp)
+
+
 # --- the whole benchmark ------------------------------------------------------------------
 
-def run(tmpdir: str | Path, n: int = 256, max_tokens: int = 32, rounds: int = 2, prefix: bool = True,
+def run(tmpdir: str | Path, n: int = 256, max_tokens: int = 32, rounds: int = 2, prefix: bool = False,
         prefix_n: int = 256, prefix_groups: int = 8, prefix_words: int = 400) -> dict:
     tmp = Path(tmpdir)
     mdir = model_dir()
@@ -278,7 +316,7 @@ def run(tmpdir: str | Path, n: int = 256, max_tokens: int = 32, rounds: int = 2,
     if cold["engine_start_s"]:
         # Second estimate of "excluding model load": cold batch minus the engine's own start time.
         result["e2e_cold_minus_load_vs_llm_chat"] = round(a["seconds"] / (cold["cold_seconds"] - cold["engine_start_s"]), 3)
-    if prefix:
+    if prefix:  # one extra workload, flat keys (bench/report.py runs run_prefix separately)
         result.update(prefix_subprocess(mdir, tmp, n=prefix_n, groups=prefix_groups, prompt_words=prefix_words,
                                         max_tokens=4, rounds=rounds))
     return result
@@ -298,14 +336,21 @@ def main() -> None:
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix-only", action="store_true", help="only the prefix-ordering workloads")
     args = parser.parse_args()
     if args.child == "llm":
         return child_llm(args.input, args.model_dir)
     if args.child == "prefix":
         return child_prefix(args)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        result = run(tmp, args.n, args.max_tokens, args.rounds, not args.no_prefix, args.prefix_n, args.groups, args.prompt_words)
-    print(json.dumps(result, indent=2))
+        if args.prefix_only:
+            print(json.dumps(run_prefix(tmp, rounds=args.rounds), indent=2))
+            return
+        result = run(tmp, args.n, args.max_tokens, args.rounds, False)
+        print(json.dumps(result, indent=2))
+        if not args.no_prefix:
+            print(json.dumps(run_prefix(tmp, rounds=1), indent=2))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     s3_secret_key: str = ""
     s3_secure: bool = False
     s3_region: str | None = None
+    # How long one object-store call retries a failing server before it fails.
+    s3_retry_seconds: float = 30.0
 
     # Batch state: SQLite under data_dir (single-node) or Batch custom resources.
     batch_store: Literal["sqlite", "kubernetes"] = "sqlite"

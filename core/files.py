@@ -8,6 +8,7 @@ answers 404 like any unknown id.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath, PureWindowsPath
@@ -88,7 +89,13 @@ class FileService:
             purpose=purpose,
             is_error=is_error,
         )
-        self.store.put_bytes(file_key(project, file_id) + ".json", orjson.dumps(meta.model_dump(mode="json")))
+        try:
+            self.store.put_bytes(file_key(project, file_id) + ".json", orjson.dumps(meta.model_dump(mode="json")))
+        except BaseException:
+            # No File object points at these bytes: do not leave them taking space.
+            with contextlib.suppress(Exception):
+                self.store.delete(file_key(project, file_id))
+            raise
         return meta
 
     # --- reading -------------------------------------------------------------

@@ -269,15 +269,22 @@ def _pod_spec(project: str, batch_id: str, model: str, worker: WorkerPodConfig) 
     if worker.shm_size:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": worker.shm_size}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    env = dict(worker.env)
+    if worker.read_only_root_filesystem and not any(m.get("mountPath") == "/tmp" for m in mounts):
+        # vLLM, torch and Hugging Face write caches under $HOME: give them a scratch /tmp.
+        volumes.append({"name": "tmp", "emptyDir": {}})
+        mounts.append({"name": "tmp", "mountPath": "/tmp"})
+        env.setdefault("HOME", "/tmp")
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": worker.image,
         # The shard index is not an argument: Kubernetes sets JOB_COMPLETION_INDEX per pod.
         "command": ["vbatch", "worker", "--project", project, "--batch-id", batch_id, "--model", model],
-        "env": [{"name": k, "value": v} for k, v in sorted(worker.env.items())],
+        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "privileged": False,
+            "readOnlyRootFilesystem": worker.read_only_root_filesystem,
             "capabilities": {"drop": ["ALL"]},
         },
     }

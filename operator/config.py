@@ -42,6 +42,9 @@ class WorkerPodConfig(BaseSettings):
     volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
     # vLLM's workers share tensors through /dev/shm; the container default (64Mi) is too small.
     shm_size: str | None = "1Gi"
+    # Workers write only to /tmp (an emptyDir the builder adds when none is configured)
+    # and to object storage; everything else stays read-only.
+    read_only_root_filesystem: bool = True
     # Pods must not run as root; images whose USER is root still start with this uid.
     run_as_user: int | None = 1000
     # The worker flushes its current result part on SIGTERM; give it time to.
@@ -49,7 +52,11 @@ class WorkerPodConfig(BaseSettings):
     kueue_queue_name: str | None = None
     # Retries per shard before the shard counts as failed (its lines get `shard_failed`).
     backoff_limit_per_index: int = Field(default=2, ge=0)
-    pod_failure_policy: dict[str, Any] | None = None
+    # Evictions and preemptions (DisruptionTarget) do not spend a shard's retries:
+    # the worker exits 75 after flushing, and the retried pod resumes.
+    pod_failure_policy: dict[str, Any] | None = Field(
+        default_factory=lambda: {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}
+    )
 
     @classmethod
     def from_file(cls, path: str | Path) -> WorkerPodConfig:

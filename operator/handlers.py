@@ -14,10 +14,9 @@ import os
 from typing import Any
 
 import kopf
-
+from vbatch.core.config import Settings
 from vbatch.core.files import FileService
 from vbatch.core.schemas import TERMINAL_STATUSES
-from vbatch.core.config import Settings
 from vbatch.core.storage import open_store
 from vbatch.operator.builders import GROUP, PLURAL, VERSION
 from vbatch.operator.config import WorkerPodConfig

@@ -13,7 +13,6 @@ from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
-
 from vbatch.core.batch_store import StaleRecord
 from vbatch.operator.builders import GROUP, LABEL_BATCH, PLURAL, VERSION, build_event
 
@@ -113,7 +112,7 @@ class Kube:
     def post_event(self, batch: dict[str, Any], reason: str, message: str, type: str = "Normal") -> None:
         """An Event `kubectl describe batch` shows. Best effort: never fails a step."""
         event = build_event(involved=batch, reason=reason, message=message, type=type,
-                            now=datetime.datetime.now(datetime.timezone.utc))
+                            now=datetime.datetime.now(datetime.UTC))
         try:
             self.core.create_namespaced_event(self.namespace, event)
         except ApiException as exc:

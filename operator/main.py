@@ -45,12 +45,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import vbatch.operator.handlers  # noqa: F401  (registers the handlers with kopf)
 
+    priority = args.priority
+    if priority is None and args.peering:
+        # kopf pauses every peer that sees another with the same priority: replicas
+        # need distinct ones, and then the highest acts while the others wait.
+        import secrets
+
+        priority = 1 + secrets.randbelow(2**30)
+
     kopf.run(
         clusterwide=False,
         namespaces=[namespace],
         standalone=True if args.standalone else None,
         peering_name=args.peering,
-        priority=args.priority,
+        priority=priority,
         liveness_endpoint=args.liveness,
     )
     return 0

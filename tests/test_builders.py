@@ -148,7 +148,10 @@ def test_job_is_one_indexed_job_owned_by_the_batch():
     assert spec["completionMode"] == "Indexed"
     assert (spec["completions"], spec["parallelism"]) == (4, 2)
     assert spec["backoffLimitPerIndex"] == 2 and spec["maxFailedIndexes"] == 4
-    assert "ttlSecondsAfterFinished" not in spec and "suspend" not in spec and "podFailurePolicy" not in spec
+    assert "ttlSecondsAfterFinished" not in spec and "suspend" not in spec
+    # evictions/preemptions do not spend a shard's retry budget
+    assert spec["podFailurePolicy"]["rules"] == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
     assert obj["metadata"]["ownerReferences"] == [{
         "apiVersion": "vbatch.dev/v1alpha1", "kind": "Batch", "name": "batch-01hzx", "uid": "uid-1",
         "controller": True, "blockOwnerDeletion": True}]
@@ -193,11 +196,13 @@ def test_worker_config_reaches_the_pod():
     pod = obj["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "reg/vbatch:1"
-    assert container["env"] == [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]
+    # read-only root: a scratch /tmp (and HOME there) is added since none was configured
+    assert container["env"] == [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}, {"name": "HOME", "value": "/tmp"}]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     assert container["resources"] == {"requests": {"memory": "8Gi"}, "limits": {"memory": "16Gi", "amd.com/gpu": 2}}
-    assert container["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
-    assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}]
+    assert container["volumeMounts"] == [{"name": "models", "mountPath": "/models"}, {"name": "tmp", "mountPath": "/tmp"}]
+    assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}, {"name": "tmp", "emptyDir": {}}]
     assert pod["nodeSelector"] == {"gpu": "mi300"} and pod["runtimeClassName"] == "nvidia"
     assert pod["tolerations"][0]["key"] == "gpu" and pod["serviceAccountName"] == "worker"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]

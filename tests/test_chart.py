@@ -274,10 +274,6 @@ def test_every_pod_is_non_root_with_a_read_only_root_filesystem(chart, value_set
         _assert_hardened(name, spec, read_only_root=name != "worker")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "operator/builders.py does not set readOnlyRootFilesystem on the worker container yet "
-    "(the chart already mounts writable /tmp and cache dirs for it); strict: remove this "
-    "mark once it does"))
 def test_worker_pods_have_a_read_only_root_filesystem(chart, monkeypatch, tmp_path):
     objects, _ = render(chart)
     spec = worker_job(objects, monkeypatch, tmp_path)["spec"]["template"]["spec"]

@@ -18,7 +18,6 @@ import pytest
 from api_server import chat_line, jsonl, serve
 from kube.harness import ClusterEnv, cluster_env, wait_for  # noqa: F401 (fixture)
 from openai import OpenAI
-
 from vbatch.api.kube_store import KubeBatchStore
 from vbatch.api.services import NoopRunner, Services
 from vbatch.core.ids import batch_object_name
@@ -73,12 +72,12 @@ def test_sdk_to_worker_processes_and_back(cluster_env: ClusterEnv):
                          lambda b: seen_counts.append(b.request_counts.completed) or b.status == "completed", 90)
         env.wait_settled(batch_id)
         assert [b.id for b in client.batches.list()] == [batch_id]
+        lines = download(client, batch.output_file_id)
     assert batch.request_counts.total == 30 and batch.request_counts.completed == 30
     assert batch.request_counts.failed == 0 and batch.error_file_id is None
     assert any(0 < c < 30 for c in seen_counts), seen_counts  # progress moved while in_progress
     assert batch.completed_at and batch.finalizing_at and batch.in_progress_at
     assert batch.usage is not None and batch.usage.total_tokens > 0
-    lines = download(client, batch.output_file_id)
     assert sorted(line["custom_id"] for line in lines) == sorted(f"req-{i}" for i in range(30))
     for line in lines:
         body = line["response"]["body"]
@@ -112,10 +111,10 @@ def test_operator_restart_mid_batch(cluster_env: ClusterEnv):
         with env.operator():
             batch = wait_batch(client, batch_id, {"completed", "failed"})
             env.wait_settled(batch_id)
+        output = download(client, batch.output_file_id)
     assert batch.status == "completed"
     assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (12, 12, 0)
-    assert sorted(line["custom_id"] for line in download(client, batch.output_file_id)) == \
-        sorted(f"req-{i}" for i in range(12))
+    assert sorted(line["custom_id"] for line in output) == sorted(f"req-{i}" for i in range(12))
     assert env.jobs_ever(job_name(batch_object_name(batch_id))) == 1  # adopted, never re-created
 
 
@@ -132,14 +131,14 @@ def test_cancel_through_the_sdk_keeps_partial_results(cluster_env: ClusterEnv):
         env.wait_settled(batch_id)
         runner.wait_idle()
         assert env.cluster.list("batch/v1", "Job") == [] and env.cluster.list("v1", "Pod") == []
+        ok, errors = download(client, batch.output_file_id), download(client, batch.error_file_id)
+        with pytest.raises(Exception) as exc:  # terminal: 409
+            client.batches.cancel(batch_id)
+    assert getattr(exc.value, "status_code", None) == 409
     counts = batch.request_counts
     assert counts.total == 20 and counts.completed + counts.failed == 20 and 0 < counts.completed < 20
-    ok, errors = download(client, batch.output_file_id), download(client, batch.error_file_id)
     assert len(ok) == counts.completed and {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     assert sorted(line["custom_id"] for line in ok + errors) == sorted(f"req-{i}" for i in range(20))
-    with pytest.raises(Exception) as exc:  # terminal: 409
-        client.batches.cancel(batch_id)
-    assert getattr(exc.value, "status_code", None) == 409
 
 
 def test_expiry_with_a_short_window(cluster_env: ClusterEnv):
@@ -151,9 +150,56 @@ def test_expiry_with_a_short_window(cluster_env: ClusterEnv):
         batch = wait_batch(client, batch_id, {"expired", "completed"})
         env.wait_settled(batch_id)
         assert env.cluster.list("batch/v1", "Job") == []
+        ok, errors = download(client, batch.output_file_id), download(client, batch.error_file_id)
     assert batch.status == "expired" and batch.expired_at >= batch.expires_at
     counts = batch.request_counts
     assert counts.total == 16 and counts.completed + counts.failed == 16 and counts.completed < 16
-    ok, errors = download(client, batch.output_file_id), download(client, batch.error_file_id)
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     assert sorted(line["custom_id"] for line in ok + errors) == sorted(f"req-{i}" for i in range(16))
+
+
+def test_kube_store_semantics(cluster_env: ClusterEnv):
+    """The BatchStore contract over custom resources: tenancy, paging, CAS, cancel."""
+    from vbatch.core import state
+    from vbatch.core.batch_store import StaleRecord
+    from vbatch.core.errors import Conflict
+    from vbatch.core.schemas import BatchStatus
+
+    env = cluster_env
+    store = KubeBatchStore.from_settings(env.settings)
+    now = int(time.time())
+    ids = []
+    for _ in range(5):
+        record = state.new_batch(project="p1", input_file_id="file-" + "a" * 24, endpoint="/v1/chat/completions",
+                                 completion_window="24h", metadata={"k": "v"}, total=3, model="m",
+                                 window_seconds=60, now=now)
+        store.create(record)
+        assert record.revision  # the CR's resourceVersion after the status write
+        ids.append(record.id)
+    got = store.get("p1", ids[0])
+    assert got.status == BatchStatus.IN_PROGRESS and got.request_counts.total == 3 and got.metadata == {"k": "v"}
+    assert store.get("p2", ids[0]) is None and store.get("p1", "batch_nope") is None  # 404, not 403
+    page, more = store.list_page("p1", after=None, limit=2)
+    assert [r.id for r in page] == sorted(ids, reverse=True)[:2] and more
+    rest, more = store.list_page("p1", after=page[-1].id, limit=10)
+    assert [r.id for r in rest] == sorted(ids, reverse=True)[2:] and not more
+    assert store.list_page("p2", after=None, limit=10) == ([], False)
+
+    stale = store.get("p1", ids[1])
+    cancelled = store.request_cancel("p1", ids[1])
+    assert cancelled.status == BatchStatus.CANCELLING and cancelled.cancel_requested
+    assert store.request_cancel("p1", ids[1]).status == BatchStatus.CANCELLING  # idempotent
+    assert env.batch(ids[1])["spec"]["cancelRequested"] is True
+    stale.request_counts.completed = 1
+    with pytest.raises(StaleRecord):  # a driver holding an old read cannot overwrite the cancel
+        store.save(stale)
+    fresh = store.get("p1", ids[2])
+    fresh.request_counts.completed = 2
+    store.save(fresh)
+    assert store.get("p1", ids[2]).request_counts.completed == 2
+    done = state.transition(state.transition(fresh, BatchStatus.FINALIZING, now), BatchStatus.COMPLETED, now)
+    store.save(done)
+    with pytest.raises(Conflict):
+        store.request_cancel("p1", ids[2])
+    assert store.request_cancel("p2", ids[3]) is None
+    assert {r.id for r in store.unfinished()} == set(ids) - {ids[2]}

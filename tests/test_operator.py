@@ -12,7 +12,6 @@ import pytest
 from api_server import chat_line, jsonl
 from kube.harness import BATCH_API, ClusterEnv, cluster_env, wait_for  # noqa: F401 (fixture)
 from kube.job_runner import fail_always, fail_once
-
 from vbatch.core.ids import batch_object_name, new_batch_id
 from vbatch.core.lifecycle import result_file_id
 from vbatch.core.schemas import FilePurpose
@@ -213,3 +212,37 @@ def test_deleting_a_batch_removes_job_and_working_data_but_keeps_results(cluster
     output = done["status"]["outputFileId"]
     assert output == result_file_id(done_id, "output")
     assert len(result_lines(env, output)) == 3  # result files are the user's: they stay
+
+
+def test_vbatch_operator_command(cluster_env: ClusterEnv):
+    """`vbatch operator` as the chart runs it: kopf with a liveness endpoint."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    env = cluster_env
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    file_id = upload(env, b"not json\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vbatch", "operator", "--standalone", "--namespace", env.cluster.namespace,
+         "--liveness", f"http://127.0.0.1:{port}/healthz"],
+        env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, bool, 30)
+        batch_id = apply_batch(env, file_id)
+        obj = env.wait_settled(batch_id, timeout=30)
+        assert obj["status"]["phase"] == "failed" and obj["status"]["errors"][0]["line"] == 1
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0

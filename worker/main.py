@@ -2,10 +2,11 @@
 `--serve-stdin`, many shards in one long-lived process that keeps the engine loaded
 (the single-node local executor).
 
-Exit codes: 0 the shard finished, or SIGTERM/SIGINT stopped it after flushing what
-was done (the next attempt resumes); 2 bad arguments or configuration; 3 object
-storage failed or the shard is missing; 4 the engine could not be loaded; 1 anything
-unexpected.
+Exit codes: 0 the shard finished; 75 SIGTERM/SIGINT stopped it after flushing what
+was done (non-zero so that a Job retries the index, and the next attempt resumes;
+`--serve-stdin` exits 0 and reports `finished: false` instead); 2 bad arguments or
+configuration; 3 object storage failed or the shard is missing; 4 the engine could
+not be loaded; 1 anything unexpected.
 
 serve-stdin protocol: one JSON task per stdin line, `{"project", "batch_id",
 "shard"}`; one JSON line per task on stdout, `{"project", "batch_id", "shard",
@@ -36,6 +37,9 @@ from vbatch.worker.shard import run_shard
 log = logging.getLogger("vbatch.worker")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STORAGE, EXIT_ENGINE = 0, 1, 2, 3, 4
+# EX_TEMPFAIL: stopped before the end. An evicted pod must not count as a completed
+# index, or its unfinished requests would end up as shard_failed lines.
+EXIT_STOPPED = 75
 
 
 class Fatal(Exception):
@@ -151,7 +155,7 @@ async def _one_shot(args: argparse.Namespace, store: ObjectStore, engine: Engine
     finally:
         await engine.close()
     log.info("shard result: %s", result)
-    return EXIT_OK
+    return EXIT_OK if result["finished"] else EXIT_STOPPED
 
 
 def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str | None]:

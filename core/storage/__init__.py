@@ -18,6 +18,7 @@ def open_store(settings: Settings) -> ObjectStore:
             secret_key=settings.s3_secret_key,
             secure=settings.s3_secure,
             region=settings.s3_region,
+            retry_seconds=settings.s3_retry_seconds,
         )
     from vbatch.core.storage.local import LocalObjectStore
 

@@ -60,7 +60,8 @@ class LocalObjectStore:
         tmp, fd = self._open_temp(key, path)
         size = 0
         try:
-            with os.fdopen(fd, "wb") as out:
+            out = os.fdopen(fd, "wb")
+            try:
                 # Only our own I/O is wrapped: an exception raised by the caller's
                 # iterable must reach the caller unchanged.
                 for chunk in chunks:
@@ -74,6 +75,12 @@ class LocalObjectStore:
                     os.fsync(out.fileno())
                 except OSError as exc:
                     raise _storage_error("write", key, exc) from exc
+            finally:
+                # After a failed write, close() retries flushing the buffer and fails
+                # again (ENOSPC): that must not replace the error being raised.
+                # After a successful flush + fsync there is nothing left to lose.
+                with contextlib.suppress(OSError):
+                    out.close()
             try:
                 os.replace(tmp, path)
             except OSError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from typing import Any, TypeVar
 import kopf
 import kopf.testing
 import pytest
-
 from vbatch.core.config import Settings
 from vbatch.core.files import FileService
 from vbatch.core.ids import batch_object_name
@@ -77,21 +77,22 @@ class ClusterEnv:
         return list(store.list(f"projects/{project}/batches/{batch_id}/"))
 
     @contextlib.contextmanager
-    def operator(self) -> Iterator[kopf.testing.KopfRunner]:
+    def operator(self, *, peering: str | None = None, priority: int = 0) -> Iterator[kopf.testing.KopfRunner]:
         previous = kopf.get_default_registry()
         registry = kopf.OperatorRegistry()
         kopf.set_default_registry(registry)
         try:
-            # Re-executing the module registers its handlers in this registry, with the
+            # (Re-)executing the module registers its handlers in this registry, with the
             # tick interval this test configured.
-            import vbatch.operator.handlers as handlers
-
-            importlib.reload(handlers)
+            name = "vbatch.operator.handlers"
+            importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+            mode = ["--peering", peering, "--priority", str(priority)] if peering else ["--standalone"]
+            args = ["run", *mode, "--namespace", self.cluster.namespace, "--verbose"]
+            with kopf.testing.KopfRunner(args, registry=registry, timeout=60) as runner:
+                yield runner
         finally:
+            # kopf's `run` makes the registry it was given the process-wide default.
             kopf.set_default_registry(previous)
-        args = ["run", "--standalone", "--namespace", self.cluster.namespace, "--verbose"]
-        with kopf.testing.KopfRunner(args, registry=registry, timeout=60) as runner:
-            yield runner
         assert runner.exception is None, runner.output[-4000:]
 
     def job_runner(self, *, fail: FailHook | None = None, capacity: int = 8) -> JobRunner:

@@ -99,7 +99,12 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings_for(args.data_dir)
-    engine = resolve_engine(args.engine or settings.engine)
+    if settings.batch_store == "kubernetes":
+        # The gateway runs no engine in a cluster (worker pods do): it only needs the
+        # catalog's model ids to validate inputs ("echo" accepts any id, for tests).
+        engine = args.engine or settings.engine
+    else:
+        engine = resolve_engine(args.engine or settings.engine)
     settings = settings.model_copy(update={"engine": engine})
     if engine == "echo":
         log.warning("serving with the ECHO TEST ENGINE: answers echo the prompt; this is not inference")
