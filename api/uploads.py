@@ -19,7 +19,6 @@ import asyncio
 import logging
 import queue
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 

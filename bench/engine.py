@@ -154,11 +154,24 @@ def run_batch_subprocess(input_path: Path, mdir: Path, tmp: Path, log_path: Path
 
 # --- (c) vbatch end to end ------------------------------------------------------------
 
-def vbatch_round(input_path: Path, mdir: Path, tmp: Path, round_no: int) -> dict:
+def offline_batch_defaults() -> dict:
+    """vLLM's scheduler defaults for the offline LLM class on this platform. The batch
+    runner's usage context (what run-batch and VllmEngine use) has no entry in vLLM's
+    table and falls back to the generic, smaller ones (on CPU: 128 seqs / 2048 tokens
+    instead of 256 / 4096)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    tokens, seqs = AsyncEngineArgs.get_batch_defaults(1)
+    return {"max_num_seqs": seqs[UsageContext.LLM_CLASS],
+            "engine_args": {"max_num_batched_tokens": tokens[UsageContext.LLM_CLASS]}}
+
+
+def vbatch_round(input_path: Path, mdir: Path, tmp: Path, round_no: int, spec_extra: dict | None = None) -> dict:
     data = tmp / f"vbatch-data-{round_no}"
     data.mkdir(parents=True, exist_ok=True)
     catalog = data / "catalog.json"
-    catalog.write_text(json.dumps({"models": [{"id": MODEL_ID, "path": str(mdir)}]}))
+    catalog.write_text(json.dumps({"models": [{"id": MODEL_ID, "path": str(mdir), **(spec_extra or {})}]}))
     with gateway(data, engine="vllm", env={"VBATCH_MODEL_CATALOG": str(catalog)}) as gw, gw.client() as client:
         file_id = upload(client, input_path)["id"]
         cold, cold_s = run_batch_e2e(client, file_id)
@@ -170,9 +183,10 @@ def vbatch_round(input_path: Path, mdir: Path, tmp: Path, round_no: int) -> dict
     import re
 
     ready = re.findall(r"vLLM engine for \S+ ready in ([\d.]+)s", log)
+    seqs = re.findall(r"ready in [\d.]+s \(max_num_seqs=(\d+)\)", log)
     return {"cold_seconds": cold_s, "warm_seconds": warm_s, "output_tokens": warm["usage"]["output_tokens"],
             "cold_output_tokens": cold["usage"]["output_tokens"],
-            "engine_start_s": float(ready[0]) if ready else None}
+            "engine_start_s": float(ready[0]) if ready else None, "max_num_seqs": int(seqs[0]) if seqs else None}
 
 
 # --- prefix ordering -------------------------------------------------------------------
@@ -270,7 +284,9 @@ def run_prefix(tmpdir: str | Path, workloads: dict | None = None, max_tokens: in
 # --- the whole benchmark ------------------------------------------------------------------
 
 def run(tmpdir: str | Path, n: int = 256, max_tokens: int = 32, rounds: int = 2, prefix: bool = False,
-        prefix_n: int = 256, prefix_groups: int = 8, prefix_words: int = 400) -> dict:
+        prefix_n: int = 256, prefix_groups: int = 8, prefix_words: int = 400, offline_defaults: bool = False) -> dict:
+    """offline_defaults: give vbatch's catalog entry the LLM class's scheduler sizes
+    (what the fix proposed in docs/benchmarks.md would do by default)."""
     tmp = Path(tmpdir)
     mdir = model_dir()
     input_path = write_jsonl(tmp / "engine-input.jsonl", plain_requests(n, max_tokens))
@@ -280,7 +296,7 @@ def run(tmpdir: str | Path, n: int = 256, max_tokens: int = 32, rounds: int = 2,
     llm = LlmChild(input_path, mdir, logs / "llm_chat.log")
     try:
         for r in range(rounds):
-            c = vbatch_round(input_path, mdir, tmp, r)
+            c = vbatch_round(input_path, mdir, tmp, r, offline_batch_defaults() if offline_defaults else None)
             a = llm.run()
             b = run_batch_subprocess(input_path, mdir, tmp, logs / "run_batch.log")
             print(f"  round {r}: vbatch cold {c['cold_seconds']:.1f}s warm {c['warm_seconds']:.1f}s "
@@ -307,7 +323,8 @@ def run(tmpdir: str | Path, n: int = 256, max_tokens: int = 32, rounds: int = 2,
         "run_batch_s": round(b["seconds"], 2), "run_batch_tok_s": round(tokens / b["seconds"], 1),
         "vbatch_cold_s": round(cold["cold_seconds"], 2), "vbatch_cold_tok_s": round(tokens / cold["cold_seconds"], 1),
         "vbatch_warm_s": round(warm["warm_seconds"], 2), "vbatch_warm_tok_s": round(tokens / warm["warm_seconds"], 1),
-        "vbatch_engine_start_s": cold["engine_start_s"],
+        "vbatch_engine_start_s": cold["engine_start_s"], "vbatch_max_num_seqs": cold["max_num_seqs"],
+        "vbatch_catalog_offline_defaults": offline_defaults,
         # Excluding model load: the warm batch (the worker already holds the engine).
         "e2e_vs_llm_chat": round(a["seconds"] / warm["warm_seconds"], 3),
         # Both cold: run-batch loads the model inside its wall-clock, so does the first vbatch batch.
@@ -338,6 +355,8 @@ def main() -> None:
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     parser.add_argument("--workloads", help=argparse.SUPPRESS)
     parser.add_argument("--prefix-only", action="store_true", help="only the prefix-ordering workloads")
+    parser.add_argument("--offline-defaults", action="store_true",
+                        help="vbatch's catalog sets the LLM class's max_num_seqs/max_num_batched_tokens")
     args = parser.parse_args()
     if args.child == "llm":
         return child_llm(args.input, args.model_dir)
@@ -347,7 +366,7 @@ def main() -> None:
         if args.prefix_only:
             print(json.dumps(run_prefix(tmp, rounds=args.rounds), indent=2))
             return
-        result = run(tmp, args.n, args.max_tokens, args.rounds, False)
+        result = run(tmp, args.n, args.max_tokens, args.rounds, False, offline_defaults=args.offline_defaults)
         print(json.dumps(result, indent=2))
         if not args.no_prefix:
             print(json.dumps(run_prefix(tmp, rounds=1), indent=2))

@@ -17,6 +17,7 @@ from vbatch.core.schemas import (
     BatchErrorItem,
     BatchErrors,
     BatchRecord,
+    BatchStatus,
     BatchUsage,
     InputTokensDetails,
     OutputTokensDetails,
@@ -155,7 +156,35 @@ def build_batch_status(record: BatchRecord) -> dict[str, Any]:
             status[key] = value
     if record.shard_count is not None:
         status["shardCount"] = record.shard_count
+    status["conditions"] = [_succeeded_condition(record)]
     return status
+
+
+_LAST_RFC3339_SECOND = 253402300799  # 9999-12-31T23:59:59Z
+
+
+def _succeeded_condition(record: BatchRecord) -> dict[str, Any]:
+    """One standard condition for tools that wait on conditions
+    (`kubectl wait --for=condition=Succeeded batch/...`): True once completed,
+    False once failed/expired/cancelled, Unknown while the batch runs."""
+    if record.status == BatchStatus.COMPLETED:
+        value = "True"
+    elif record.status.is_terminal:
+        value = "False"
+    else:
+        value = "Unknown"
+    # The latest lifecycle stamp (expires_at is a deadline, not a transition).
+    stamps = (getattr(record, field) for field, _ in _TIMESTAMPS if field != "expires_at")
+    since = max((t for t in stamps if t is not None), default=record.created_at)
+    since = min(max(since, 0), _LAST_RFC3339_SECOND)
+    counts = record.request_counts
+    return {
+        "type": "Succeeded",
+        "status": value,
+        "reason": "".join(part.capitalize() for part in record.status.value.split("_")),
+        "message": f"{counts.completed} completed, {counts.failed} failed of {counts.total}",
+        "lastTransitionTime": datetime.datetime.fromtimestamp(since, tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 def batch_record_from_resource(obj: dict[str, Any]) -> BatchRecord:

@@ -17,8 +17,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_server import ApiServer, Tenant, api_server, chat_line, jsonl, make_services, serve, tenant  # noqa: F401
-
+from api_server import (  # noqa: F401
+    ApiServer,
+    Tenant,
+    api_server,
+    chat_line,
+    jsonl,
+    make_services,
+    serve,
+    tenant,
+)
 from vbatch.operator.local_executor import LocalExecutor
 
 ENDPOINT = "/v1/chat/completions"

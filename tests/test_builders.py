@@ -7,7 +7,7 @@ import datetime
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
+from vbatch.core import state
 from vbatch.core.ids import new_batch_id
 from vbatch.core.schemas import (
     BatchErrorItem,
@@ -23,6 +23,7 @@ from vbatch.operator import builders
 from vbatch.operator.builders import (
     batch_record_from_resource,
     build_batch_resource,
+    build_batch_status,
     build_event,
     build_shard_job,
     label_value,
@@ -247,3 +248,16 @@ def test_event_points_at_its_object():
     assert event["metadata"]["generateName"] == obj["metadata"]["name"] + "."
     assert event["type"] == "Warning" and len(event["message"]) == 1024
     assert event["firstTimestamp"] == "2025-01-02T03:04:05Z"
+
+
+def test_status_carries_a_succeeded_condition_for_kubectl_wait():
+    running = state.new_batch(project="p", input_file_id="file-" + "a" * 24, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata=None, total=2, model="m", window_seconds=60, now=100)
+    [cond] = build_batch_status(running)["conditions"]
+    assert (cond["type"], cond["status"], cond["reason"]) == ("Succeeded", "Unknown", "InProgress")
+    assert cond["lastTransitionTime"] == "1970-01-01T00:01:40Z"
+    done = state.transition(state.transition(running, BatchStatus.FINALIZING, 150), BatchStatus.COMPLETED, 160)
+    [cond] = build_batch_status(done)["conditions"]
+    assert (cond["status"], cond["reason"], cond["lastTransitionTime"]) == ("True", "Completed", "1970-01-01T00:02:40Z")
+    cancelled = state.transition(state.request_cancel(running, 120), BatchStatus.CANCELLED, 130)
+    assert build_batch_status(cancelled)["conditions"][0]["status"] == "False"

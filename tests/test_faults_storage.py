@@ -25,7 +25,6 @@ import httpx
 import pytest
 from api_server import chat_line, jsonl, serve, start_api_server
 from s3server import NanioServer
-
 from vbatch.api.services import Services
 from vbatch.core.config import Settings
 from vbatch.core.files import FileService

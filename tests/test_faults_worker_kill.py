@@ -17,8 +17,7 @@ from collections import Counter
 
 import orjson
 import pytest
-from test_local_executor import P, Node
-
+from test_local_executor import Node, P
 from vbatch.core import layout
 from vbatch.core.schemas import BatchStatus
 

@@ -170,3 +170,21 @@ def test_a_restarted_executor_resumes_unfinished_batches(tmp_path):
     assert done.request_counts.completed == 30 and len(node.results(done)) == 30
     for e in node.running:
         e.stop()
+
+
+def test_one_loaded_worker_serves_every_shard_of_a_model(node):
+    """The engine is loaded once per model, not once per shard: the slot's worker
+    process runs all shards of consecutive batches of the same model."""
+    ex = node.executor()
+    first = node.submit(25)  # 3 shards
+    pids = set()
+    deadline = time.time() + 60
+    while node.batches.get(P, first.id).status != BatchStatus.COMPLETED:
+        assert time.time() < deadline
+        if ex._slots[0].process is not None:
+            pids.add(ex._slots[0].process.pid)
+        time.sleep(0.01)
+    second = node.submit(5)
+    node.wait(second.id, {BatchStatus.COMPLETED})
+    pids.add(ex._slots[0].process.pid)
+    assert len(pids) == 1
