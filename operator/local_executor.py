@@ -35,6 +35,7 @@ class ShardBook:
     failed: set[int] = field(default_factory=set)
     running: set[int] = field(default_factory=set)  # queued or on a worker
     attempts: dict[int, int] = field(default_factory=dict)
+    not_before: dict[int, float] = field(default_factory=dict)  # retry backoff per shard
     stopping: bool = False
 
 
@@ -51,6 +52,7 @@ class LocalExecutor:
         slots: int = 1,
         poll_seconds: float = 0.5,
         max_attempts: int = 3,
+        retry_backoff: float = 2.0,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -59,6 +61,7 @@ class LocalExecutor:
         self.served_models = served_models
         self.poll_seconds = poll_seconds
         self.max_attempts = max_attempts
+        self.retry_backoff = retry_backoff
         self._books: dict[str, ShardBook] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -165,7 +168,9 @@ class LocalExecutor:
         with self._lock:
             if book.stopping:
                 return
-            todo = set(range(book.total)) - book.succeeded - book.failed - book.running
+            now = time.monotonic()
+            waiting = {shard for shard, at in book.not_before.items() if at > now}
+            todo = set(range(book.total)) - book.succeeded - book.failed - book.running - waiting
             book.running |= todo
         for shard in sorted(todo):
             self._tasks.put(ShardTask(record.project, record.id, shard, record.model or ""))
@@ -219,6 +224,9 @@ class LocalExecutor:
                 book.succeeded.add(task.shard)
             elif not book.stopping:  # died, or stopped without finishing: one attempt spent
                 book.attempts[task.shard] = book.attempts.get(task.shard, 0) + 1
+                # Back off before the retry: a storage outage must not use up every
+                # attempt within seconds.
+                book.not_before[task.shard] = time.monotonic() + self.retry_backoff * 2 ** (book.attempts[task.shard] - 1)
                 if book.attempts[task.shard] >= self.max_attempts:
                     log.error("batch %s shard %d failed %d times; giving up", task.batch_id, task.shard, self.max_attempts)
                     book.failed.add(task.shard)

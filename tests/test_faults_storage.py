@@ -52,7 +52,7 @@ def s3_node(tmp_path: Path, server: NanioServer, *, retry_seconds: float, **over
     files = FileService(store)
     batches = SqliteBatchStore(tmp_path / "batches.sqlite3")
     executor = LocalExecutor(settings=settings, store=store, files=files, batches=batches, served_models=None,
-                             engine="echo", poll_seconds=0.1)
+                             engine="echo", poll_seconds=0.1, retry_backoff=0.2)
     services = Services(settings=settings, files=files, batches=batches, keys=KeyStore(tmp_path / "keys"),
                         runner=executor)
     executor.start()
