@@ -10,12 +10,14 @@ id, so a finalize interrupted by a crash overwrites its own earlier attempt.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Collection, Iterator
 
 import orjson
 
 from vbatch.core import state
 from vbatch.core.config import Limits, Settings
+from vbatch.core.errors import NotFound
 from vbatch.core.files import FileService
 from vbatch.core.layout import ShardProgress, batch_prefix, progress_key
 from vbatch.core.merge import merge_shards
@@ -61,7 +63,19 @@ def input_lines(files: FileService, record: BatchRecord) -> Iterator[bytes]:
 
 
 def launch(store: ObjectStore, files: FileService, record: BatchRecord, settings: Settings, *, max_shards: int | None = None, requested: int | None = None) -> BatchRecord:
-    """Plan and write the shard objects; the driver then starts one worker per shard."""
+    """Plan and write the shard objects; the driver then starts one worker per shard.
+
+    An input file deleted between create and launch fails the batch (in_progress ->
+    finalizing -> failed, errors saying why): retrying could never succeed."""
+    try:
+        files.get(record.project, record.input_file_id)
+    except NotFound:
+        now = int(time.time())
+        failed = state.transition(state.transition(record, BatchStatus.FINALIZING, now), BatchStatus.FAILED, now)
+        failed.errors = BatchErrors(data=[BatchErrorItem(
+            code="input_file_not_found", param="input_file_id",
+            message=f"The input file {record.input_file_id} was deleted before the batch started.")])
+        return failed
     count = shard_count_for(
         record.request_counts.total,
         target_requests=settings.shard_target_requests,

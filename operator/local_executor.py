@@ -150,7 +150,8 @@ class LocalExecutor:
             elif action == Action.LAUNCH:
                 launched = lifecycle.launch(self.store, self.files, record, self.settings)
                 self.batches.save(launched)
-                self._schedule(launched)
+                if not launched.status.is_terminal:
+                    self._schedule(launched)
             elif action == Action.WAIT:
                 self._schedule(record)
                 self._refresh_counts(record)

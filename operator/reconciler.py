@@ -192,6 +192,9 @@ class Reconciler:
             # Shards first, then the record says how many: a crash in between only
             # rewrites the same shard objects on the next attempt.
             launched = lifecycle.launch(self.store, self.files, record, self.settings, requested=spec.get("shards"))
+            if launched.status.is_terminal:  # the input file is gone: nothing to run
+                self._save(obj, launched)  # announces the failure as a Warning event
+                return
             record = self._save(obj, launched, {"jobName": job_name})
         shards = record.shard_count or 1
         body = builders.build_shard_job(

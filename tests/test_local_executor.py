@@ -193,3 +193,15 @@ def test_one_loaded_worker_serves_every_shard_of_a_model(node):
     node.wait(second.id, {BatchStatus.COMPLETED})
     pids.add(ex._slots[0].process.pid)
     assert len(pids) == 1
+
+
+def test_an_input_file_deleted_before_launch_fails_the_batch_cleanly(tmp_path):
+    node = Node(tmp_path)
+    record = node.submit(5)  # no executor yet: the batch waits in_progress
+    node.files.delete(P, record.input_file_id)
+    node.executor()
+    done = node.wait(record.id, {BatchStatus.FAILED, BatchStatus.COMPLETED})
+    assert done.status == BatchStatus.FAILED
+    assert done.errors.data[0].code == "input_file_not_found"
+    for ex in node.running:
+        ex.stop()

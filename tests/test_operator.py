@@ -119,6 +119,24 @@ def test_applied_batch_with_unknown_file_fails(cluster_env: ClusterEnv):
     assert obj["status"]["errors"][0]["code"] == "file_not_found"
 
 
+def test_input_deleted_before_launch_fails_the_batch(cluster_env: ClusterEnv):
+    from vbatch.api.kube_store import KubeBatchStore
+    from vbatch.core import state
+
+    env = cluster_env
+    file_id = upload(env, requests(3))
+    record = state.new_batch(project=PROJECT, input_file_id=file_id, endpoint="/v1/chat/completions",
+                             completion_window="24h", metadata=None, total=3, model="test-model",
+                             window_seconds=3600, now=int(time.time()))
+    KubeBatchStore.from_settings(env.settings).create(record)  # as the gateway does
+    env.files.delete(PROJECT, file_id)
+    with env.operator():
+        obj = env.wait_settled(record.id)
+    assert obj["status"]["phase"] == "failed"
+    assert obj["status"]["errors"][0]["code"] == "input_file_not_found"
+    assert env.cluster.list("batch/v1", "Job") == []
+
+
 def test_a_shard_failing_once_is_retried(cluster_env: ClusterEnv):
     env = cluster_env
     env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_WORKER_BACKOFF_LIMIT_PER_INDEX=2)
