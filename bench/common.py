@@ -16,10 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -192,7 +192,7 @@ def run_batch_e2e(client: httpx.Client, file_id: str, *, poll: float = 0.1, time
 
 
 def _first(pattern: str, text: str) -> str | None:
-    m = re.search(pattern, text, re.M)
+    m = re.search(pattern, text, re.MULTILINE)
     return m.group(1).strip() if m else None
 
 

@@ -23,11 +23,10 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MB  # noqa: E402
-
-from vbatch.core import layout  # noqa: E402
-from vbatch.core.merge import merge_shards  # noqa: E402
-from vbatch.core.storage.local import LocalObjectStore  # noqa: E402
+from common import MB
+from vbatch.core import layout
+from vbatch.core.merge import merge_shards
+from vbatch.core.storage.local import LocalObjectStore
 
 PROJECT, BATCH = "bench", "batch_01BENCHMERGE0000000000000"
 PART_RESULTS = 64

@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import common  # noqa: E402
+import common
 
 REPO = HERE.parent
 DOC, PNG, RESULTS = REPO / "docs" / "benchmarks.md", REPO / "docs" / "benchmarks.png", HERE / "results.json"
@@ -77,7 +77,7 @@ def run_all(only: list[str], quick: bool, size_mb: float | None) -> tuple[dict, 
 
 
 def figures(details: dict) -> dict:
-    d = lambda bench, key: (details.get(bench) or {}).get(key)  # noqa: E731
+    d = lambda bench, key: (details.get(bench) or {}).get(key)
     return {
         "validation_vs_orjson": d("validate", "validation_vs_orjson"),
         "upload_vs_direct_put": d("upload", "upload_vs_direct_put"),

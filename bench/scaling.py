@@ -23,11 +23,10 @@ import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gateway, run_batch_e2e, upload  # noqa: E402
+from common import gateway, run_batch_e2e, upload
 
 WORDS = 16
 IN_FLIGHT = 64  # the worker's default --echo-max-in-flight
@@ -72,7 +71,7 @@ def run(tmpdir: str | Path, n: int = 2048, delay: float = 0.03, max_shards: int 
     curve[1] = 1.0
     # The echo engine's requests all take the same time, so a worker runs them in
     # waves of IN_FLIGHT: even free orchestration cannot beat this bound.
-    waves = lambda s: math.ceil(math.ceil(n / s) / IN_FLIGHT)  # noqa: E731
+    waves = lambda s: math.ceil(math.ceil(n / s) / IN_FLIGHT)
     bound = {s: round(waves(1) / (s * waves(s)), 3) for s in times}
     return {
         "requests": n, "delay_per_token": delay, "tokens_per_request": WORDS,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import MB, RssSampler, gateway, hwm_mb, reset_hwm, rss_mb, upload  # noqa: E402
+from common import MB, RssSampler, gateway, hwm_mb, reset_hwm, rss_mb, upload
 
 PART_SIZE = 16 * MB
 BUCKET = "vbatch-bench"
@@ -36,8 +36,7 @@ def write_file(path: Path, size_mb: float) -> int:
     pad = b"x" * (4096 - len(line_head % 0) - len(tail))
     lines = int(size_mb * MB) // 4096
     with open(path, "wb") as out:
-        for i in range(lines):
-            out.write(line_head % i + pad + tail)
+        out.writelines(line_head % i + pad + tail for i in range(lines))
     return path.stat().st_size
 
 

@@ -88,7 +88,7 @@ def merge_shards(
     missing_code: str = "shard_failed",
     failed_shards: frozenset[int] = frozenset(),
 ) -> MergedResults:
-    merged = MergedResults(output=tempfile.TemporaryFile(), errors=tempfile.TemporaryFile())
+    merged = MergedResults(output=tempfile.TemporaryFile(buffering=1 << 20), errors=tempfile.TemporaryFile(buffering=1 << 20))
     try:
         for shard in range(shard_count):
             pending = dict.fromkeys(_shard_custom_ids(store, project, batch_id, shard))

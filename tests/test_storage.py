@@ -203,12 +203,14 @@ def test_s3_aborted_upload_leaves_no_multipart_state(s3_store, s3_info):
 def test_s3_streaming_put_memory_is_bounded_by_the_part_size(s3_store):
     tracemalloc.start()
     try:
-        s3_store.put_stream("big", chunks_of(40 * MiB))
+        s3_store.put_stream("big", chunks_of(100 * MiB))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert s3_store.size("big") == 40 * MiB
-    assert peak < 4 * s3_store.part_size, peak
+    assert s3_store.size("big") == 100 * MiB
+    # two parts uploading and one being read (plus signing copies): a few parts,
+    # whatever the object's size
+    assert peak < 6 * s3_store.part_size, peak
 
 
 @pytest.mark.s3

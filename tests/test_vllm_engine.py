@@ -263,3 +263,23 @@ def test_unknown_engine_arg_is_refused(demo_model_dir: Path) -> None:
     eng = VllmEngine(ModelSpec(id=MODEL, path=str(demo_model_dir), engine_args={"max_modl_len": 5}))
     with pytest.raises(ValueError, match="max_modl_len"):
         eng._build_args()
+
+
+@pytest.mark.vllm
+def test_batch_work_gets_the_offline_scheduler_sizes(demo_model_dir: Path) -> None:
+    """vLLM's serving defaults batch fewer sequences than its offline `LLM` class;
+    batches are offline work, so the worker asks for the offline sizes."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    tokens, seqs = AsyncEngineArgs.get_batch_defaults(1)
+    args = VllmEngine(ModelSpec(id=MODEL, path=str(demo_model_dir)))._build_args()
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == (
+        seqs[UsageContext.LLM_CLASS], tokens[UsageContext.LLM_CLASS])
+    # larger than what the serving entry points (and run_batch) get by default
+    assert args.max_num_seqs > seqs[UsageContext.OPENAI_API_SERVER]
+    assert args.max_num_batched_tokens > tokens[UsageContext.OPENAI_API_SERVER]
+    # the catalog's own choice wins
+    pinned = ModelSpec(id=MODEL, path=str(demo_model_dir), max_num_seqs=8, engine_args={"max_num_batched_tokens": 1024})
+    args = VllmEngine(pinned)._build_args()
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == (8, 1024)
