@@ -33,7 +33,6 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-
 from vbatch.api.app import create_app
 from vbatch.api.services import BatchRunner, Services
 from vbatch.core.config import Limits, Settings

@@ -80,4 +80,6 @@ def demo_model_dir() -> Path:
 
 
 # --- Kubernetes API emulator (tests/kube) ---------------------------------------
+from api_server import api_server, tenant  # noqa: E402,F401  (fixture registration)
 from kube.fixtures import KubeCluster, kube_cluster  # noqa: E402,F401  (fixture registration)
+from kube.harness import cluster_env  # noqa: E402,F401  (fixture registration)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from api_server import ApiServer, Tenant, api_server, chat_line, jsonl  # noqa: F401
+from api_server import ApiServer, chat_line, jsonl
 
 SECRET_NAME = "victim-secret-name.jsonl"
 

@@ -17,16 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_server import (  # noqa: F401
-    ApiServer,
-    Tenant,
-    api_server,
-    chat_line,
-    jsonl,
-    make_services,
-    serve,
-    tenant,
-)
+from api_server import ApiServer, Tenant, chat_line, jsonl, make_services, serve
 from vbatch.operator.local_executor import LocalExecutor
 
 ENDPOINT = "/v1/chat/completions"

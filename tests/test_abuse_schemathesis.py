@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from api_server import ApiServer, api_server  # noqa: F401
+from api_server import ApiServer
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 

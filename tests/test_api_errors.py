@@ -7,16 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_server import (  # noqa: F401 (fixtures)
-    QUICKSTART_JSONL,
-    ApiServer,
-    Tenant,
-    api_server,
-    chat_line,
-    jsonl,
-    start_api_server,
-    tenant,
-)
+from api_server import QUICKSTART_JSONL, ApiServer, Tenant, chat_line, jsonl, start_api_server
 
 from vbatch.core.config import Limits
 from vbatch.core.schemas import BatchStatus, FilePurpose
@@ -333,7 +324,7 @@ def test_unexpected_exception_is_a_generic_500(tmp_path: Path, caplog: pytest.Lo
         f = upload(c, QUICKSTART_JSONL).json()["id"]
         with caplog.at_level("ERROR", logger="vbatch.api"):
             r = create(c, f)
-        error = assert_envelope(r, 500, "internal_error", type="internal_error")
+        assert_envelope(r, 500, "internal_error", type="internal_error")
         assert "secret" not in json.dumps(r.json())
         rid = r.headers["x-request-id"]
         assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)

@@ -7,7 +7,7 @@ import re
 
 import httpx
 import pytest
-from api_server import QUICKSTART_JSONL, ApiServer, Tenant, api_server, tenant  # noqa: F401 (fixtures)
+from api_server import QUICKSTART_JSONL, ApiServer, Tenant
 
 
 def test_request_id_on_every_response_and_in_the_log(

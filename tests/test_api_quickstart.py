@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from api_server import QUICKSTART_JSONL, ApiServer, Tenant, api_server, tenant  # noqa: F401
+from api_server import QUICKSTART_JSONL, ApiServer, Tenant
 
 FILE_KEYS = {"id", "object", "bytes", "created_at", "expires_at", "filename", "purpose", "status", "status_details"}
 BATCH_KEYS = {

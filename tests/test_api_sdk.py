@@ -6,7 +6,7 @@ import io
 
 import openai
 import pytest
-from api_server import QUICKSTART_JSONL, ApiServer, Tenant, api_server, tenant  # noqa: F401
+from api_server import QUICKSTART_JSONL, ApiServer, Tenant
 from openai import OpenAI
 
 

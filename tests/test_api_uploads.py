@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from api_server import ApiServer, Tenant, api_server, tenant  # noqa: F401 (fixtures)
+from api_server import ApiServer, Tenant
 
 MB = 1024 * 1024
 UPLOAD_BYTES = 50 * MB

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 from api_server import chat_line, jsonl, serve
-from kube.harness import ClusterEnv, cluster_env, wait_for  # noqa: F401 (fixture)
+from kube.harness import ClusterEnv, wait_for
 from openai import OpenAI
 from vbatch.api.kube_store import KubeBatchStore
 from vbatch.api.services import NoopRunner, Services

@@ -16,9 +16,8 @@ import time
 import httpx
 import openai
 import pytest
-from kube.harness import BATCH_API, ClusterEnv, cluster_env  # noqa: F401 (fixture)
+from kube.harness import BATCH_API, ClusterEnv
 from openai import OpenAI
-
 from vbatch.core.ids import batch_object_name
 
 pytestmark = pytest.mark.cluster

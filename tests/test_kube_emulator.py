@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import kubernetes
 import pytest
 from kube.fixtures import KubeCluster
 from kubernetes.client.rest import ApiException
-
 from vbatch.operator.builders import build_shard_job
 from vbatch.operator.config import WorkerPodConfig
 

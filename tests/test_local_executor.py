@@ -9,7 +9,6 @@ import time
 
 import orjson
 import pytest
-
 from vbatch.core import state
 from vbatch.core.config import Settings
 from vbatch.core.files import FileService

@@ -12,9 +12,15 @@ import kubernetes_validate
 import pytest
 import yaml
 from kube.semantics import schema_errors
-
 from vbatch.core.ids import new_batch_id
-from vbatch.core.schemas import BatchErrorItem, BatchErrors, BatchRecord, BatchStatus, BatchUsage, RequestCounts
+from vbatch.core.schemas import (
+    BatchErrorItem,
+    BatchErrors,
+    BatchRecord,
+    BatchStatus,
+    BatchUsage,
+    RequestCounts,
+)
 from vbatch.operator.builders import build_batch_resource, build_event, build_shard_job
 from vbatch.operator.config import WorkerPodConfig
 

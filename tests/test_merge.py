@@ -7,7 +7,6 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vbatch.core import lifecycle, state
 from vbatch.core.config import Settings
 from vbatch.core.files import FileService

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from api_server import chat_line, jsonl
-from kube.harness import BATCH_API, ClusterEnv, cluster_env, wait_for  # noqa: F401 (fixture)
+from kube.harness import BATCH_API, ClusterEnv, wait_for
 from kube.job_runner import fail_always, fail_once
 from vbatch.core.ids import batch_object_name, new_batch_id
 from vbatch.core.lifecycle import result_file_id

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from api_server import chat_line, jsonl
-from kube.harness import BATCH_API, ClusterEnv, cluster_env, wait_for  # noqa: F401 (fixture)
+from kube.harness import BATCH_API, ClusterEnv, wait_for
 from vbatch.api import kube_store
 from vbatch.core import state
 from vbatch.core.ids import batch_object_name

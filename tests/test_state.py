@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from vbatch.core import state
 from vbatch.core.errors import Conflict
 from vbatch.core.schemas import BatchStatus as S

@@ -9,7 +9,6 @@ import tracemalloc
 
 import pytest
 from conftest import make_s3_store
-
 from vbatch.core.errors import NotFound, PayloadTooLarge, StorageError
 from vbatch.core.files import FileService, file_key
 from vbatch.core.schemas import FilePurpose

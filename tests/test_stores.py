@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from vbatch.core import state
 from vbatch.core.batch_store import StaleRecord
 from vbatch.core.errors import Conflict, PermissionDenied

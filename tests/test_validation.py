@@ -9,11 +9,14 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vbatch.core.config import Limits
 from vbatch.core.errors import InvalidRequest
 from vbatch.core.schemas import CHAT_COMPLETIONS
-from vbatch.core.validation import MAX_REPORTED_PROBLEMS, raise_for_report, validate_jsonl
+from vbatch.core.validation import (
+    MAX_REPORTED_PROBLEMS,
+    raise_for_report,
+    validate_jsonl,
+)
 
 MODEL = "smollm2-135m"
 LIMITS = Limits()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from vbatch.core import layout
 from vbatch.core.layout import ShardProgress
 from vbatch.core.storage.local import LocalObjectStore

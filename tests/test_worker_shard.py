@@ -9,14 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
-
 from vbatch.core import layout
 from vbatch.core.errors import StorageError
 from vbatch.core.layout import ShardProgress
 from vbatch.core.storage.local import LocalObjectStore
+from vbatch.worker import shard as shard_module
 from vbatch.worker.engines.base import EngineReply
 from vbatch.worker.engines.echo import EchoEngine
-from vbatch.worker import shard as shard_module
 from vbatch.worker.shard import run_shard
 
 P, B, S = "proj", "batch_01JABCDEFGHJKMNPQRSTVWXYZ0", 0
