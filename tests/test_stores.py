@@ -108,3 +108,10 @@ def test_core_imports_no_web_kopf_or_vllm_code():
             "print(sorted(n for n in ('fastapi','starlette','kopf','vllm','uvicorn') if n in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_counting_gpus_does_not_load_torch_into_the_gateway():
+    code = "import sys; from vbatch.cli.serve import gpu_count; gpu_count(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "CUDA_VISIBLE_DEVICES"})
+    assert out.stdout.strip() == "False"

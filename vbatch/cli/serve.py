@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import subprocess
 from collections.abc import Collection
 from pathlib import Path
 
@@ -53,15 +54,18 @@ def served_models(settings: Settings, engine: str) -> Collection[str] | None:
 
 
 def gpu_count() -> int:
+    """NVIDIA GPUs this process may use, without importing torch (~200 MB) into the gateway."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    driver = Path("/proc/driver/nvidia/gpus")
+    if driver.is_dir():
+        return len(list(driver.iterdir()))
     try:
-        import torch  # only for counting GPUs; vLLM brings it
-
-        return torch.cuda.device_count()
-    except Exception:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
         return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
 
 
 def build_services(settings: Settings, engine: str, slots: int | None = None):
