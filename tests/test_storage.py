@@ -306,3 +306,10 @@ def test_file_service_size_limit_leaves_nothing(object_store):
     assert info.value.status_code == 413
     assert list(object_store.list("")) == []
     assert files.list("proj") == ([], False)
+
+
+def test_an_invalid_bucket_name_is_refused_at_start_up():
+    from vbatch.core.storage.s3 import S3ObjectStore
+
+    with pytest.raises(ValueError, match="bucket 'b'"):
+        S3ObjectStore(endpoint="127.0.0.1:9", bucket="b", access_key="k", secret_key="s")

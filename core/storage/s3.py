@@ -22,6 +22,7 @@ from typing import Any
 import certifi
 import urllib3
 from minio import Minio
+from minio.helpers import check_bucket_name
 from minio.error import MinioException, S3Error
 from urllib3.util.retry import Retry
 
@@ -135,6 +136,11 @@ class S3ObjectStore:
         read_timeout: float = 60.0,
         part_size: int = DEFAULT_PART_SIZE,
     ) -> None:
+        # A misconfigured bucket name must stop start-up, not turn every upload into a 500.
+        try:
+            check_bucket_name(bucket)
+        except ValueError as exc:
+            raise ValueError(f"S3 bucket {bucket!r}: {exc} (see the S3 bucket naming rules)") from None
         self.bucket = bucket
         self.part_size = part_size
         http = urllib3.PoolManager(

@@ -113,7 +113,10 @@ def serve(args: argparse.Namespace) -> int:
     if engine == "echo":
         log.warning("serving with the ECHO TEST ENGINE: answers echo the prompt; this is not inference")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    services, executor = build_services(settings, engine, args.slots)
+    try:
+        services, executor = build_services(settings, engine, args.slots)
+    except ValueError as exc:  # configuration mistakes: say which, no traceback
+        raise SystemExit(f"vbatch serve: {exc}") from None
     if executor is not None:
         executor.start()
     try:
