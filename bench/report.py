@@ -157,9 +157,8 @@ def write_markdown(details: dict, errors: dict, seconds: dict, machine: dict, re
              f"- Python {machine.get('python')}, vLLM {machine.get('vllm')} (CPU build), torch {machine.get('torch')}, "
              f"orjson {machine.get('orjson')}, minio {machine.get('minio')}, fastapi {machine.get('fastapi')}, uvicorn {machine.get('uvicorn')}",
              f"- {machine.get('platform')}; load average at start {tuple(round(x, 2) for x in machine.get('load_avg_at_start', ()))}",
-             "- **Shared machine**: other engineers' test suites (including vLLM tests) ran on the same 2 cores "
-             "during these measurements, so absolute numbers are noisy; ratios come from interleaved or back-to-back "
-             "runs in the same process tree and are the figures to read.", "",
+             "- Absolute MB/s and tokens/s move with whatever else runs on the machine (compare the load average); "
+             "the ratios come from interleaved or back-to-back runs in the same process tree and are the figures to read.", "",
              "## Headline figures (bench/results.json)", "", "| figure | value | goal |", "|---|---|---|"]
     for key in KEYS:
         value = results[key]
