@@ -23,7 +23,6 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from vbatch.worker.models import DEMO_MODEL_ID, demo_model_dir
 
 

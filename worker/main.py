@@ -27,7 +27,6 @@ import threading
 from typing import Any, TextIO
 
 import orjson
-
 from vbatch.core.config import Settings
 from vbatch.core.errors import StorageError
 from vbatch.core.storage import ObjectNotFound, ObjectStore, open_store

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-
 from vbatch.core import layout
 from vbatch.core.errors import StorageError
 from vbatch.core.ids import new_batch_request_id, new_request_id

@@ -34,3 +34,10 @@ class Engine(Protocol):
     async def chat_completion(self, body: dict[str, Any], request_id: str) -> EngineReply: ...
 
     async def close(self) -> None: ...
+
+
+def invalid_request(message: str, param: str | None = None) -> EngineReply:
+    """The 400 an OpenAI server answers for a body it cannot accept."""
+    return EngineReply(
+        400, {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+    )

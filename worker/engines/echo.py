@@ -17,7 +17,7 @@ import secrets
 import time
 from typing import Any
 
-from vbatch.worker.engines.base import EngineReply
+from vbatch.worker.engines.base import EngineReply, invalid_request
 
 
 class BadBody(ValueError):
@@ -26,20 +26,6 @@ class BadBody(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-def _error(message: str, param: str | None) -> EngineReply:
-    return EngineReply(
-        400,
-        {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": param,
-                "code": None,
-            }
-        },
-    )
 
 
 def message_text(content: Any) -> str:
@@ -104,7 +90,7 @@ class EchoEngine:
         try:
             completion, tokens = self._answer(body)
         except BadBody as exc:
-            return _error(str(exc), exc.param)
+            return invalid_request(str(exc), exc.param)
         # Always yield once, so concurrent requests interleave like a real engine's.
         await asyncio.sleep(self.delay_per_token * tokens if self.delay_per_token > 0 else 0)
         return EngineReply(200, completion)

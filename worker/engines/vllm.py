@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-
 from vbatch.worker.catalog import ModelSpec
-from vbatch.worker.engines.base import EngineReply
+from vbatch.worker.engines.base import EngineReply, invalid_request
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +138,10 @@ class VllmEngine:
         started = time.monotonic()
 
         from starlette.datastructures import State
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import (
+            build_async_engine_client,
+        )
         from vllm.usage.usage_lib import UsageContext
 
         args = self._build_args()
@@ -187,11 +188,11 @@ class VllmEngine:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if not isinstance(body, dict):
-            return _invalid_body("request body must be a JSON object", None)
+            return invalid_request("request body must be a JSON object", None)
         if body.get("stream"):
             # A stream has no single response body to record; the gateway also
             # rejects this at batch-create time.
-            return _invalid_body("stream=true is not supported in batch requests", "stream")
+            return invalid_request("stream=true is not supported in batch requests", "stream")
         if "request_id" not in body:
             # vLLM names the completion chatcmpl-<request_id>: tie it to our record
             # (vLLM adds its own suffix internally, so duplicates cannot collide).
@@ -216,7 +217,7 @@ class VllmEngine:
         if isinstance(response, ErrorResponse):
             return _error_reply(response)
         # An async generator: only produced for stream=True, which we refused above.
-        return _invalid_body("streaming responses are not supported in batch requests", "stream")
+        return invalid_request("streaming responses are not supported in batch requests", "stream")
 
     async def close(self) -> None:
         stack, self._stack, self._chat = self._stack, None, None
@@ -246,20 +247,6 @@ def _error_reply(err: Any) -> EngineReply:
     return EngineReply(status, body)
 
 
-def _invalid_body(message: str, param: str | None) -> EngineReply:
-    return EngineReply(
-        400,
-        {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": param,
-                "code": None,
-            }
-        },
-    )
-
-
 def _from_validation_error(exc: ValidationError) -> EngineReply:
     from vllm.entrypoints.serve.exception_handling.handlers.validation import (
         clean_loc_for_param,
@@ -287,4 +274,4 @@ def _from_validation_error(exc: ValidationError) -> EngineReply:
     message = "invalid request body: " + "; ".join(lines)
     if len(message) > 1000:
         message = message[:1000] + "...[truncated]"
-    return _invalid_body(message, param)
+    return invalid_request(message, param)
