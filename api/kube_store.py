@@ -13,6 +13,7 @@ pool can call every method concurrently.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import time
 from collections.abc import Iterator
@@ -36,8 +37,6 @@ from vbatch.operator.builders import (
     label_value,
 )
 
-from vbatch import __version__
-
 # The API calls this module makes, as RBAC sees them: tests/test_rbac_usage.py checks
 # this table against the requests the emulator recorded, and against the chart.
 RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
@@ -46,6 +45,13 @@ RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
 }
 
 CANCEL_ATTEMPTS = 10
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("vbatch")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 def api_client(component: str = "gateway") -> kubernetes.client.ApiClient:
@@ -62,7 +68,7 @@ def api_client(component: str = "gateway") -> kubernetes.client.ApiClient:
         client = kubernetes.client.ApiClient(config)
     except kubernetes.config.ConfigException:
         client = kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
-    client.user_agent = f"vbatch-{component}/{__version__}"
+    client.user_agent = f"vbatch-{component}/{_version()}"
     return client
 
 

@@ -121,7 +121,7 @@ def gateway(data_dir: Path, *, engine: str, env: dict[str, str] | None = None, s
     key = KeyStore(data_dir / "api_keys").create(project)
     port = free_port()
     log_path = data_dir / "serve.log"
-    command = [PYTHON, "-m", "vbatch", "serve", "--data-dir", str(data_dir), "--port", str(port),
+    command = [PYTHON, "-m", "vbatch.cli", "serve", "--data-dir", str(data_dir), "--port", str(port),
                "--engine", engine, "--log-level", "warning"]
     if slots:
         command += ["--slots", str(slots)]

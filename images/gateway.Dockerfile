@@ -7,7 +7,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # Only what the package build needs, so editing tests or docs does not bust the cache.
 COPY pyproject.toml README.md* ./
-COPY vbatch ./vbatch
+COPY cli ./cli
 COPY core ./core
 COPY api ./api
 COPY operator ./operator

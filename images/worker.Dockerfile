@@ -8,7 +8,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1
 WORKDIR /opt/vbatch-src
 COPY pyproject.toml README.md* ./
-COPY vbatch ./vbatch
+COPY cli ./cli
 COPY core ./core
 COPY api ./api
 COPY operator ./operator

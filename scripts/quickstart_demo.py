@@ -28,7 +28,7 @@ console = Console()
 
 
 def vbatch(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "vbatch", *args], check=True, capture_output=True, text=True).stdout
+    return subprocess.run([sys.executable, "-m", "vbatch.cli", *args], check=True, capture_output=True, text=True).stdout
 
 
 def free_port() -> int:
@@ -60,7 +60,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = (DATA_DIR / "serve.log").open("ab")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vbatch", "serve", "--data-dir", str(DATA_DIR), "--port", str(port), "--engine", "vllm"],
+        [sys.executable, "-m", "vbatch.cli", "serve", "--data-dir", str(DATA_DIR), "--port", str(port), "--engine", "vllm"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:

@@ -78,7 +78,7 @@ def test_cli_submit_waits_and_writes_the_joined_results(node, tmp_path: Path) ->
     source.write_bytes(QUICKSTART_JSONL)
     target = tmp_path / "results.jsonl"
     auth = ["--base-url", url, "--api-key", key, "--project", project]
-    done = subprocess.run([sys.executable, "-m", "vbatch", "submit", str(source), "--wait", "-o", str(target), *auth],
+    done = subprocess.run([sys.executable, "-m", "vbatch.cli", "submit", str(source), "--wait", "-o", str(target), *auth],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     batch_id = done.stdout.strip().splitlines()[0]
@@ -87,7 +87,7 @@ def test_cli_submit_waits_and_writes_the_joined_results(node, tmp_path: Path) ->
     results = [json.loads(x) for x in target.read_text().splitlines()]
     assert sorted(r["custom_id"] for r in results) == ["q-1", "q-2", "q-3"]
 
-    shown = subprocess.run([sys.executable, "-m", "vbatch", "status", batch_id, *auth], capture_output=True, text=True, check=True)
+    shown = subprocess.run([sys.executable, "-m", "vbatch.cli", "status", batch_id, *auth], capture_output=True, text=True, check=True)
     batch = json.loads(shown.stdout)
     assert batch["id"] == batch_id and batch["status"] == "completed"
     assert batch["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
@@ -97,7 +97,7 @@ def test_cli_reports_api_errors_by_code(node, tmp_path: Path) -> None:
     url, key, project = node
     source = tmp_path / "bad.jsonl"
     source.write_text('{"custom_id": "a"}\n')
-    done = subprocess.run([sys.executable, "-m", "vbatch", "submit", str(source), "--base-url", url, "--api-key", key, "--project", project],
+    done = subprocess.run([sys.executable, "-m", "vbatch.cli", "submit", str(source), "--base-url", url, "--api-key", key, "--project", project],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "400 missing_required_parameter" in done.stderr and "line 1" in done.stderr

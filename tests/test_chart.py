@@ -716,3 +716,13 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".venv", ".git", "vbatch-data"):
         assert any(line.strip("/*") == entry for line in ignored), entry
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_dockerfile_copies_every_folder_of_the_package(image):
+    import tomllib
+
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = {_exec_form(arg)[0] if arg.startswith("[") else arg.split()[0]
+              for ins, arg in _dockerfile(IMAGES[image][0]) if ins == "COPY" and not arg.startswith("--from")}
+    assert folders <= copied, f"{image} image misses {sorted(folders - copied)}"

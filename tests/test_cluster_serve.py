@@ -34,12 +34,12 @@ def test_cluster_gateway_serves_the_catalog_and_writes_batch_resources(cluster_e
     catalog.write_text("models:\n  - id: llama-8b\n    path: s3://models/llama-8b\n    gpus_per_replica: 1\n")
     cluster_env.configure(VBATCH_MODEL_CATALOG=str(catalog), VBATCH_ENGINE="auto")
     keys = tmp_path / "keys"
-    key = subprocess.run([sys.executable, "-m", "vbatch", "keys", "create", "--project", "ml"],
+    key = subprocess.run([sys.executable, "-m", "vbatch.cli", "keys", "create", "--project", "ml"],
                          env={**os.environ, "VBATCH_API_KEYS_FILE": str(keys)}, capture_output=True, text=True,
                          check=True).stdout.strip().splitlines()[-1]
     port = _free_port()
     env = {**os.environ, "VBATCH_API_KEYS_FILE": str(keys)}
-    server = subprocess.Popen([sys.executable, "-m", "vbatch", "serve", "--port", str(port)], env=env,
+    server = subprocess.Popen([sys.executable, "-m", "vbatch.cli", "serve", "--port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

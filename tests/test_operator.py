@@ -247,7 +247,7 @@ def test_vbatch_operator_command(cluster_env: ClusterEnv):
         port = sock.getsockname()[1]
     file_id = upload(env, b"not json\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vbatch", "operator", "--standalone", "--namespace", env.cluster.namespace,
+        [sys.executable, "-m", "vbatch.cli", "operator", "--standalone", "--namespace", env.cluster.namespace,
          "--liveness", f"http://127.0.0.1:{port}/healthz"],
         env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -89,17 +89,24 @@ def test_keys_are_hashed_scoped_and_revocable(tmp_path):
 
 
 def test_keys_cli_prints_the_key_alone_on_the_last_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "vbatch", "keys", "create", "--project", "demo", "--data-dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "vbatch.cli", "keys", "create", "--project", "demo", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, check=True)
     key = out.stdout.strip().splitlines()[-1]
     KeyStore(tmp_path / "api_keys").authenticate(key, "demo")
 
 
 def test_import_operator_is_still_the_standard_library():
+    # -S: no site hooks that import `operator` early and would hide a shadowing
+    # package; '' first on sys.path, as `python -m ...` run from the repo root has it.
     for cwd in (REPO, REPO / "tests"):
-        out = subprocess.run([sys.executable, "-c", "import operator, vbatch.operator; print(operator.__file__); print(operator.itemgetter)"],
+        out = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path.insert(0, ''); import operator; print(operator.__file__)"],
                              cwd=cwd, capture_output=True, text=True, check=True)
-        assert "vbatch" not in out.stdout.splitlines()[0] and "itemgetter" in out.stdout
+        assert "vbatch" not in out.stdout and str(REPO) not in out.stdout, out.stdout
+        ran = subprocess.run([sys.executable, "-m", "json.tool", "--help"], cwd=cwd, capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+    out = subprocess.run([sys.executable, "-c", "import vbatch.operator.local_executor as m; print(m.__name__)"],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "vbatch.operator.local_executor"
 
 
 def test_core_imports_no_web_kopf_or_vllm_code():

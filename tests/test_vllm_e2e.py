@@ -44,11 +44,11 @@ def gateway(tmp_path_factory, demo_model_dir: Path):
     env = {**os.environ, "VBATCH_MODEL_CATALOG": str(catalog), "HF_HUB_OFFLINE": "1",
            "VBATCH_PART_MAX_SECONDS": "0.5"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    key = subprocess.run([sys.executable, "-m", "vbatch", "keys", "create", "--project", "team", "--data-dir", str(data)],
+    key = subprocess.run([sys.executable, "-m", "vbatch.cli", "keys", "create", "--project", "team", "--data-dir", str(data)],
                          capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
     port = _free_port()
     log = (data / "serve.log").open("wb")
-    server = subprocess.Popen([sys.executable, "-m", "vbatch", "serve", "--data-dir", str(data), "--port", str(port), "--engine", "vllm"],
+    server = subprocess.Popen([sys.executable, "-m", "vbatch.cli", "serve", "--data-dir", str(data), "--port", str(port), "--engine", "vllm"],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -1,7 +1,7 @@
 """Stands in for the Job controller and the kubelet in the emulated cluster.
 
 Polls the emulator's Jobs; for each Indexed Job it starts one local process per
-index (the pod's container command, `vbatch ...` run as `python -m vbatch ...`, with
+index (the pod's container command, `vbatch ...` run as `python -m vbatch.cli ...`, with
 the pod's env plus JOB_COMPLETION_INDEX), at most `parallelism` at once (and at most
 `capacity` pods cluster-wide: a cluster with few GPUs), retries a failed index up to
 backoffLimitPerIndex, and writes Job status through the status subresource the way
@@ -208,7 +208,7 @@ class JobRunner:
             else:
                 command = list(container["command"]) + list(container.get("args") or [])
                 if command[0] == "vbatch":
-                    command = [sys.executable, "-m", "vbatch", *command[1:]]
+                    command = [sys.executable, "-m", "vbatch.cli", *command[1:]]
             log = open(self.logs / f"{pod_name}.log", "wb")
             self.procs[pod_name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
             log.close()

@@ -1,3 +1,5 @@
+"""`python -m vbatch.cli` (the `vbatch` command)."""
+
 from vbatch.cli import main
 
 raise SystemExit(main())

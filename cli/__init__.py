@@ -15,7 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from vbatch import __version__
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("vbatch")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0"
 
 
 def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
