@@ -37,7 +37,7 @@ def test_both_stores_implement_the_protocol(local_store, tmp_path):
     assert isinstance(local_store, ObjectStore)
     from vbatch.core.storage.s3 import S3ObjectStore
 
-    assert isinstance(S3ObjectStore("127.0.0.1:1", "b", "k", "s"), ObjectStore)
+    assert isinstance(S3ObjectStore("127.0.0.1:1", "vbatch", "k", "s"), ObjectStore)
 
 
 def test_round_trip(object_store):
