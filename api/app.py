@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-
 from vbatch.api import metrics, routes_batches, routes_files
 from vbatch.api.errors import envelope, install_error_handlers
 from vbatch.api.middleware import RequestContextMiddleware

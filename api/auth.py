@@ -12,7 +12,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-
 from vbatch.api.services import Services
 from vbatch.core.errors import AuthenticationFailed
 

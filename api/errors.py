@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-
 from vbatch.core.errors import VBatchError
 
 # Location prefixes FastAPI puts in front of a field name; users only know the field.

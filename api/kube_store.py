@@ -13,14 +13,11 @@ pool can call every method concurrently.
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
-from kubernetes.client.rest import ApiException
 from vbatch.core import state
 from vbatch.core.batch_store import StaleRecord
 from vbatch.core.config import Settings
@@ -36,6 +33,7 @@ from vbatch.operator.builders import (
     build_batch_status,
     label_value,
 )
+from vbatch.operator.kube import BatchResources, api_client
 
 # The API calls this module makes, as RBAC sees them: tests/test_rbac_usage.py checks
 # this table against the requests the emulator recorded, and against the chart.
@@ -47,64 +45,16 @@ RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
 CANCEL_ATTEMPTS = 10
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("vbatch")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
-
-
-def api_client(component: str = "gateway") -> kubernetes.client.ApiClient:
-    """In-cluster credentials when running in a pod, else the kubeconfig.
-
-    $KUBECONFIG is read now, not at import: the client's default path was frozen when
-    `kubernetes.config` was imported, which may predate the caller setting it. The
-    user agent names the component, so audit logs (and the RBAC test) tell the
-    gateway's calls from the operator's.
-    """
-    try:
-        config = kubernetes.client.Configuration()
-        kubernetes.config.load_incluster_config(client_configuration=config)
-        client = kubernetes.client.ApiClient(config)
-    except kubernetes.config.ConfigException:
-        client = kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
-    client.user_agent = f"vbatch-{component}/{_version()}"
-    return client
-
-
 class KubeBatchStore:
     def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
         self.api = api
         self.namespace = namespace
         self.crs = kubernetes.client.CustomObjectsApi(api)
+        self._resources = BatchResources(self.crs, namespace)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KubeBatchStore:
-        return cls(api_client(), settings.namespace)
-
-    # --- raw CR access -------------------------------------------------------------
-
-    def _get(self, name: str) -> dict[str, Any] | None:
-        try:
-            return self.crs.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def _patch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
-        # A merge patch carrying metadata.resourceVersion is a compare-and-swap: 409 when
-        # the CR changed since it was read. Fields the record does not know about (kopf's
-        # progress, jobName, conditions) are left alone by a merge patch.
-        body: dict[str, Any] = {"status": status}
-        if resource_version is not None:
-            body["metadata"] = {"resourceVersion": resource_version}
-        try:
-            return self.crs.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name, body)
-        except ApiException as exc:
-            if exc.status == 409:
-                raise StaleRecord(name) from exc
-            raise
+        return cls(api_client("gateway"), settings.namespace)
 
     @staticmethod
     def _owned(obj: dict[str, Any], project: str) -> bool:
@@ -121,13 +71,13 @@ class KubeBatchStore:
         # The API server drops status on create; the CR already exists in etcd, so a
         # crash before this write leaves a batch the operator validates itself.
         name = created["metadata"]["name"]
-        written = self._patch_status(name, created["metadata"]["resourceVersion"], build_batch_status(record))
+        written = self._resources.patch_status(name, created["metadata"]["resourceVersion"], build_batch_status(record))
         record.revision = written["metadata"]["resourceVersion"]
 
     def get(self, project: str, batch_id: str) -> BatchRecord | None:
         if not is_batch_id(batch_id):
             return None
-        obj = self._get(batch_object_name(batch_id))
+        obj = self._resources.get(batch_object_name(batch_id))
         if obj is None or not self._owned(obj, project):
             return None  # another project's batch answers exactly like a missing one
         return batch_record_from_resource(obj)
@@ -157,7 +107,7 @@ class KubeBatchStore:
         return records[:limit], len(records) > limit
 
     def save(self, record: BatchRecord) -> None:
-        written = self._patch_status(batch_object_name(record.id), record.revision, build_batch_status(record))
+        written = self._resources.patch_status(batch_object_name(record.id), record.revision, build_batch_status(record))
         record.revision = written["metadata"]["resourceVersion"]
 
     def request_cancel(self, project: str, batch_id: str) -> BatchRecord | None:
@@ -165,7 +115,7 @@ class KubeBatchStore:
             return None
         name = batch_object_name(batch_id)
         for _ in range(CANCEL_ATTEMPTS):
-            obj = self._get(name)
+            obj = self._resources.get(name)
             if obj is None or not self._owned(obj, project):
                 return None
             current = batch_record_from_resource(obj)
@@ -193,4 +143,4 @@ class KubeBatchStore:
 
 
 
-__all__ = ["KubeBatchStore", "api_client"]
+__all__ = ["KubeBatchStore"]

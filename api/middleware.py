@@ -14,7 +14,6 @@ import time
 from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from vbatch.api import metrics
 from vbatch.api.errors import error_response, internal_error_body
 from vbatch.core.ids import new_request_id

@@ -10,7 +10,6 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-
 from vbatch.api import metrics
 from vbatch.api.auth import ProjectDep, ServicesDep
 from vbatch.api.errors import ERROR_RESPONSES

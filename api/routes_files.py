@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-
 from vbatch.api.auth import ProjectDep, ServicesDep
 from vbatch.api.errors import ERROR_RESPONSES
 from vbatch.api.uploads import UPLOAD_OPENAPI, receive_upload

@@ -25,7 +25,6 @@ from typing import Any
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
-
 from vbatch.api import metrics
 from vbatch.api.services import Services
 from vbatch.core.errors import InvalidRequest, PayloadTooLarge, VBatchError

@@ -20,7 +20,7 @@ from vbatch.core.schemas import TERMINAL_STATUSES
 from vbatch.core.storage import open_store
 from vbatch.operator.builders import GROUP, PLURAL, VERSION
 from vbatch.operator.config import WorkerPodConfig
-from vbatch.operator.kube import Kube
+from vbatch.operator.kube import Kube, api_client
 from vbatch.operator.reconciler import PodsRemain, Reconciler
 
 log = logging.getLogger("vbatch.operator")
@@ -39,7 +39,6 @@ def load_worker_config() -> WorkerPodConfig:
 
 
 def build_reconciler(settings: Settings | None = None) -> Reconciler:
-    from vbatch.api.kube_store import api_client  # the same login rules as the gateway
 
     settings = settings or Settings()
     store = open_store(settings)

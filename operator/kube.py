@@ -8,7 +8,9 @@ talks to the API server.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import logging
+import os
 from typing import Any
 
 import kubernetes
@@ -29,21 +31,40 @@ RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
 }
 
 
-class Kube:
-    def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
+def _version() -> str:
+    try:
+        return importlib.metadata.version("vbatch")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def api_client(component: str) -> kubernetes.client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig.
+
+    $KUBECONFIG is read now, not at import: the client's default path was frozen when
+    `kubernetes.config` was imported, which may predate the caller setting it. The
+    user agent names the component, so audit logs (and the RBAC test) tell the
+    gateway's calls from the operator's.
+    """
+    try:
+        config = kubernetes.client.Configuration()
+        kubernetes.config.load_incluster_config(client_configuration=config)
+        client = kubernetes.client.ApiClient(config)
+    except kubernetes.config.ConfigException:
+        client = kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+    client.user_agent = f"vbatch-{component}/{_version()}"
+    return client
+
+
+class BatchResources:
+    """Batch custom resources of one namespace: the reads and the compare-and-swap
+    status writes that the gateway's store and the operator both make."""
+
+    def __init__(self, crs: kubernetes.client.CustomObjectsApi, namespace: str) -> None:
+        self.crs = crs
         self.namespace = namespace
-        self.crs = kubernetes.client.CustomObjectsApi(api)
-        self.batch = kubernetes.client.BatchV1Api(api)
-        self.core = kubernetes.client.CoreV1Api(api)
-        self._api = api
 
-    def _plain(self, obj: Any) -> dict[str, Any]:
-        # Typed client models -> the camelCase dicts the builders and observe() read.
-        return self._api.sanitize_for_serialization(obj)
-
-    # --- Batch -------------------------------------------------------------------
-
-    def get_batch(self, name: str) -> dict[str, Any] | None:
+    def get(self, name: str) -> dict[str, Any] | None:
         try:
             return self.crs.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
         except ApiException as exc:
@@ -51,9 +72,10 @@ class Kube:
                 return None
             raise
 
-    def patch_batch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
-        """Compare-and-swap on resourceVersion: StaleRecord when the Batch changed since
-        it was read (a cancel arrived, kopf wrote its progress)."""
+    def patch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch carrying metadata.resourceVersion is a compare-and-swap:
+        StaleRecord when the Batch changed since it was read (a cancel arrived, kopf
+        wrote its progress). Status fields the caller does not set are left alone."""
         body: dict[str, Any] = {"status": status}
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
@@ -63,6 +85,28 @@ class Kube:
             if exc.status == 409:
                 raise StaleRecord(name) from exc
             raise
+
+
+class Kube:
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.namespace = namespace
+        self.crs = kubernetes.client.CustomObjectsApi(api)
+        self.batch = kubernetes.client.BatchV1Api(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.batches = BatchResources(self.crs, namespace)
+        self._api = api
+
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        # Typed client models -> the camelCase dicts the builders and observe() read.
+        return self._api.sanitize_for_serialization(obj)
+
+    # --- Batch -------------------------------------------------------------------
+
+    def get_batch(self, name: str) -> dict[str, Any] | None:
+        return self.batches.get(name)
+
+    def patch_batch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
+        return self.batches.patch_status(name, resource_version, status)
 
     def patch_batch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return self.crs.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
