@@ -17,15 +17,13 @@ from vbatch.api.services import Services
 from vbatch.core import state
 from vbatch.core.errors import InvalidRequest, NotFound, VBatchError
 from vbatch.core.schemas import (
-    MAX_METADATA_KEY,
-    MAX_METADATA_PAIRS,
-    MAX_METADATA_VALUE,
     SUPPORTED_ENDPOINTS,
     Batch,
     BatchRecord,
     CreateBatchRequest,
     FilePurpose,
     ListPage,
+    metadata_problem,
 )
 from vbatch.core.validation import raise_for_report, validate_jsonl
 
@@ -50,14 +48,7 @@ def check_request(body: CreateBatchRequest, services: Services) -> int:
             code="invalid_completion_window",
             param="completion_window",
         )
-    metadata = body.metadata or {}
-    problem = None
-    if len(metadata) > MAX_METADATA_PAIRS:
-        problem = f"at most {MAX_METADATA_PAIRS} key-value pairs are allowed"
-    elif any(len(k) > MAX_METADATA_KEY for k in metadata):
-        problem = f"keys are at most {MAX_METADATA_KEY} characters"
-    elif any(len(v) > MAX_METADATA_VALUE for v in metadata.values()):
-        problem = f"values are at most {MAX_METADATA_VALUE} characters"
+    problem = metadata_problem(body.metadata)
     if problem:
         raise InvalidRequest(f"Invalid metadata: {problem}.", code="invalid_metadata", param="metadata")
     return windows[body.completion_window]
@@ -113,13 +104,7 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
 ) -> ListPage[Batch]:
     records, has_more = services.batches.list_page(project, after=after, limit=limit)
-    data = [r.to_wire() for r in records]
-    return ListPage[Batch](
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
+    return ListPage[Batch].of([r.to_wire() for r in records], has_more=has_more)
 
 
 def _not_found(batch_id: str) -> NotFound:

@@ -41,12 +41,7 @@ def list_files(
     after: str | None = None,
 ) -> ListPage[FileObject]:
     files, has_more = services.files.list(project, purpose=purpose, after=after, limit=limit, order=order)
-    return ListPage[FileObject](
-        data=files,
-        first_id=files[0].id if files else None,
-        last_id=files[-1].id if files else None,
-        has_more=has_more,
-    )
+    return ListPage[FileObject].of(files, has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file object")

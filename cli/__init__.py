@@ -99,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return keys_command(args)
     if args.command == "models":
         from vbatch.cli.serve import settings_for
-        from vbatch.worker.models import prepare_demo_model
+        from vbatch.worker.models import main_prepare
 
-        path = prepare_demo_model(settings_for(args.data_dir).data_dir / "models")
-        print(path)
+        main_prepare(settings_for(args.data_dir).data_dir)
         return 0
     if args.command in ("submit", "status"):
         from vbatch.cli import client

@@ -73,17 +73,6 @@ class PermissionDenied(VBatchError):
     default_code = "invalid_api_key"
 
 
-class RateLimited(VBatchError):
-    status_code = 429
-    type = "rate_limit_exceeded"
-
-
-class ServiceUnavailable(VBatchError):
-    status_code = 503
-    type = "internal_error"
-    default_code = "service_unavailable"
-
-
 class StorageError(VBatchError):
     """The object store failed (unreachable, disk full, ...): a 503, never a 500."""
 

@@ -14,17 +14,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath, PureWindowsPath
 
 import orjson
-
 from vbatch.core.errors import NotFound, PayloadTooLarge
 from vbatch.core.ids import is_file_id, new_file_id
 from vbatch.core.schemas import FileObject, FilePurpose
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore
 
 MAX_FILENAME_CHARS = 255
-
-
-def project_prefix(project: str) -> str:
-    return f"projects/{project}/"
 
 
 def file_key(project: str, file_id: str) -> str:

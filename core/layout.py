@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 
 from pydantic import BaseModel, Field
-
 from vbatch.core.schemas import BatchUsage
 
 _PART = re.compile(r"/part-(\d+)\.jsonl$")

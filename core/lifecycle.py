@@ -14,7 +14,6 @@ import time
 from collections.abc import Collection, Iterator
 
 import orjson
-
 from vbatch.core import state
 from vbatch.core.config import Limits, Settings
 from vbatch.core.errors import NotFound
@@ -29,6 +28,7 @@ from vbatch.core.schemas import (
     BatchUsage,
     FilePurpose,
     RequestCounts,
+    metadata_problem,
 )
 from vbatch.core.sharding import normalized_lines, shard_count_for, write_shards
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore
@@ -43,9 +43,14 @@ def validate(
     files: FileService, record: BatchRecord, *, served_models: Collection[str] | None, limits: Limits, now: int
 ) -> BatchRecord:
     """validating -> in_progress, or -> failed with errors.data saying where."""
+    problem = metadata_problem(record.metadata)
+    if problem:  # the gateway refuses these; a Batch applied with kubectl arrives here
+        failed = state.transition(record, BatchStatus.FAILED, now)
+        failed.errors = BatchErrors(data=[BatchErrorItem(code="invalid_metadata", message=f"Invalid metadata: {problem}.", param="metadata")])
+        return failed
     try:
         _, chunks = files.open(record.project, record.input_file_id)
-    except Exception as exc:  # unknown file: the batch fails, it does not crash the driver
+    except NotFound as exc:  # unknown file: the batch fails; a storage outage (503) is retried by the driver
         failed = state.transition(record, BatchStatus.FAILED, now)
         failed.errors = BatchErrors(data=[BatchErrorItem(code="file_not_found", message=str(exc), param="input_file_id")])
         return failed

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
-
 from vbatch.core.ids import new_batch_request_id
 from vbatch.core.layout import results_prefix, shard_key
 from vbatch.core.schemas import BatchUsage, RequestCounts

@@ -154,6 +154,18 @@ MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 
 
+def metadata_problem(metadata: dict[str, str] | None) -> str | None:
+    """What is wrong with a batch's metadata (OpenAI's limits), or None."""
+    metadata = metadata or {}
+    if len(metadata) > MAX_METADATA_PAIRS:
+        return f"at most {MAX_METADATA_PAIRS} key-value pairs are allowed"
+    if any(len(k) > MAX_METADATA_KEY for k in metadata):
+        return f"keys are at most {MAX_METADATA_KEY} characters"
+    if any(len(v) > MAX_METADATA_VALUE for v in metadata.values()):
+        return f"values are at most {MAX_METADATA_VALUE} characters"
+    return None
+
+
 class CreateBatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -175,17 +187,18 @@ class ListPage(BaseModel, Generic[T]):
     last_id: str | None = None
     has_more: bool = False
 
+    @classmethod
+    def of(cls, data: list[T], *, has_more: bool) -> "ListPage[T]":
+        """A page whose first_id/last_id are those of its items (the cursor for `after`)."""
+        return cls(
+            data=data,
+            first_id=data[0].id if data else None,  # type: ignore[attr-defined]
+            last_id=data[-1].id if data else None,  # type: ignore[attr-defined]
+            has_more=has_more,
+        )
+
 
 # --- JSONL lines -----------------------------------------------------------------
-
-
-class InputLine(BaseModel):
-    """One request of an input file (already validated by `core.validation`)."""
-
-    custom_id: str
-    method: str
-    url: str
-    body: dict[str, Any]
 
 
 class ResponseEnvelope(BaseModel):

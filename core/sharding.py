@@ -14,9 +14,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
-
 from vbatch.core.layout import shard_key
-from vbatch.core.storage.base import ObjectStore
+from vbatch.core.storage.base import ObjectStore, iter_lines
 
 # What a request without max_tokens is assumed to generate, for balancing only.
 DEFAULT_COMPLETION_ESTIMATE = 256
@@ -56,8 +55,6 @@ def shard_count_for(total: int, *, target_requests: int, max_shards: int, reques
 
 def normalized_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Request lines of an input file: BOM, CR and blank lines removed (as validated)."""
-    from vbatch.core.storage.base import iter_lines
-
     first = True
     for line in iter_lines(chunks):
         if first:

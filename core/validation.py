@@ -10,7 +10,6 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import orjson
-
 from vbatch.core.config import Limits
 from vbatch.core.errors import InvalidRequest
 from vbatch.core.schemas import BatchErrorItem

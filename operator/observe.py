@@ -49,11 +49,3 @@ def observe(record: BatchRecord, job: dict[str, Any] | None, now: int) -> Observ
     done = {i for i in completed_indexes(job) if i < total}
     failed = {i for i in failed_indexes(job) if i < total}
     return Observation(now=now, shards_total=total, shards_succeeded=len(done), shards_failed=len(failed))
-
-
-def job_finished(job: dict[str, Any] | None) -> bool:
-    """The Job controller's own verdict (Complete or Failed condition)."""
-    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
-        if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
-            return True
-    return False

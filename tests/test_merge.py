@@ -139,3 +139,38 @@ def test_lifecycle_launch_progress_finish(env):
     lifecycle.remove_working_data(store, done)
     assert list(store.list(f"projects/{P}/batches/")) == []
     assert files.get(P, done.output_file_id).bytes > 0
+
+
+def test_validate_refuses_metadata_the_gateway_would_refuse(env):
+    """A Batch applied with kubectl skips the gateway: the drivers' VALIDATE step
+    applies the same metadata limits (the CRD cannot bound key length)."""
+    store, files, settings = env
+    f = files.create(P, iter([request_line("a")]), filename=None, purpose=FilePurpose.BATCH)
+    record = state.new_unvalidated_batch(project=P, input_file_id=f.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h", metadata={"k" * 65: "v"}, window_seconds=60, now=1)
+    failed = lifecycle.validate(files, record, served_models=None, limits=settings.limits, now=2)
+    assert failed.status == BatchStatus.FAILED
+    assert failed.errors.data[0].code == "invalid_metadata" and "64 characters" in failed.errors.data[0].message
+    ok = lifecycle.validate(files, record.model_copy(update={"metadata": {"k" * 64: "v"}}), served_models=None,
+                            limits=settings.limits, now=2)
+    assert ok.status == BatchStatus.IN_PROGRESS and ok.request_counts.total == 1
+
+
+def test_a_storage_outage_during_validation_is_not_a_verdict(env):
+    """Only a missing input file fails a batch; an unreachable store raises, so the
+    driver retries the step later instead of failing the batch for good."""
+    from vbatch.core.errors import StorageError
+
+    store, files, settings = env
+    f = files.create(P, iter([request_line("a")]), filename=None, purpose=FilePurpose.BATCH)
+    record = state.new_unvalidated_batch(project=P, input_file_id=f.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h", metadata=None, window_seconds=60, now=1)
+
+    class Down(FileService):
+        def open(self, project, file_id):
+            raise StorageError("object storage unreachable")
+
+    with pytest.raises(StorageError):
+        lifecycle.validate(Down(store), record, served_models=None, limits=settings.limits, now=2)
+    missing = record.model_copy(update={"input_file_id": "file-" + "0" * 24})
+    assert lifecycle.validate(files, missing, served_models=None, limits=settings.limits, now=2).status == BatchStatus.FAILED

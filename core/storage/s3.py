@@ -22,10 +22,9 @@ from typing import Any
 import certifi
 import urllib3
 from minio import Minio
-from minio.helpers import check_bucket_name
 from minio.error import MinioException, S3Error
+from minio.helpers import check_bucket_name
 from urllib3.util.retry import Retry
-
 from vbatch.core.errors import StorageError
 from vbatch.core.storage.base import CHUNK_SIZE, ObjectNotFound
 from vbatch.core.storage.local import check_key
