@@ -35,6 +35,12 @@ def readyz(request: Request) -> JSONResponse:
     )
 
 
+# Idle keep-alive connections stay open longer than clients and proxies keep them
+# pooled (httpx 5 s, common load balancers 60 s): a server that closes first races
+# clients reusing the connection, which then see "disconnected without a response".
+KEEP_ALIVE_SECONDS = 75
+
+
 def create_app(services: Services) -> FastAPI:
     app = FastAPI(
         title="vbatch",

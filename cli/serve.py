@@ -99,7 +99,7 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from vbatch.api.app import create_app
+    from vbatch.api.app import KEEP_ALIVE_SECONDS, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings_for(args.data_dir)
@@ -120,7 +120,8 @@ def serve(args: argparse.Namespace) -> int:
     if executor is not None:
         executor.start()
     try:
-        uvicorn.run(create_app(services), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        uvicorn.run(create_app(services), host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                    timeout_keep_alive=KEEP_ALIVE_SECONDS)
     finally:
         if executor is not None:
             executor.stop()

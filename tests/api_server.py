@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from vbatch.api.app import create_app
+from vbatch.api.app import KEEP_ALIVE_SECONDS, create_app
 from vbatch.api.services import BatchRunner, Services
 from vbatch.core.config import Limits, Settings
 from vbatch.core.files import FileService
@@ -108,7 +108,8 @@ def serve(services: Services) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(services), log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(create_app(services), log_level="warning", access_log=False, lifespan="off",
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS)
     server = uvicorn.Server(config)  # signal handlers are main-thread only: skipped here
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -80,3 +80,27 @@ def test_openapi_describes_the_real_requests(api_server: ApiServer) -> None:
     for path in ("/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/batches",
                  "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"):  # fmt: skip
         assert path in spec["paths"]
+
+
+def test_an_idle_keep_alive_connection_outlives_client_pools(api_server) -> None:
+    """httpx keeps idle connections 5 s: a server closing them at 5 s too races clients
+    that reuse one (they see "disconnected without a response"). One request, 6 s of
+    silence, a second request on the same connection: both answered."""
+    import http.client
+    import time
+
+    host, port = api_server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        time.sleep(6)
+        conn.request("GET", "/healthz")
+        second = conn.getresponse()
+        second.read()
+        assert (first.status, second.status) == (200, 200)
+        assert conn.sock is sock  # the same TCP connection served both
+    finally:
+        conn.close()
