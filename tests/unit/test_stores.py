@@ -15,7 +15,7 @@ from vbatch.core.keys import KeyStore
 from vbatch.core.schemas import BatchStatus
 from vbatch.core.sqlite_store import SqliteBatchStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def new(project="p", **kw):

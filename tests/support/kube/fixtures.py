@@ -24,7 +24,7 @@ from .emulator import KubeEmulator
 from .store import ResourceSpec
 
 T = TypeVar("T")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CRDS_DIR = REPO / "crds"
 
 
