@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from vbatch.api import metrics, routes_batches, routes_files
+from vbatch.api import metrics, routes_batches, routes_files, routes_models
 from vbatch.api.errors import envelope, install_error_handlers
 from vbatch.api.middleware import RequestContextMiddleware
 from vbatch.api.services import Services
@@ -52,6 +52,7 @@ def create_app(services: Services) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
+    app.include_router(routes_models.router)
     app.include_router(health)
     app.include_router(metrics.router)
     return app

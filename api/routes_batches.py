@@ -16,6 +16,7 @@ from vbatch.api.errors import ERROR_RESPONSES
 from vbatch.api.services import Services
 from vbatch.core import state
 from vbatch.core.errors import InvalidRequest, NotFound, VBatchError
+from vbatch.core.expiry import parse_expires_after
 from vbatch.core.schemas import (
     SUPPORTED_ENDPOINTS,
     Batch,
@@ -35,6 +36,8 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERROR_RESPO
 
 def check_request(body: CreateBatchRequest, services: Services) -> int:
     """The request's own fields (before any file is read). Returns the window in seconds."""
+    parse_expires_after(body.output_expires_after, param="output_expires_after",
+                        min_seconds=services.settings.file_expiry_min_seconds)
     if body.endpoint not in SUPPORTED_ENDPOINTS:
         raise InvalidRequest(
             f"Invalid endpoint {body.endpoint!r}: supported endpoints are {', '.join(SUPPORTED_ENDPOINTS)}.",
@@ -81,6 +84,8 @@ def _create(body: CreateBatchRequest, project: str, services: Services) -> Batch
         window_seconds=window_seconds,
         now=int(time.time()),
     )
+    record.output_expires_after_seconds = parse_expires_after(
+        body.output_expires_after, param="output_expires_after", min_seconds=services.settings.file_expiry_min_seconds)
     services.batches.create(record)  # durable once this returns: only then answer
     metrics.BATCHES_CREATED.inc()
     services.runner.submitted(record)

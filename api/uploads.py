@@ -28,6 +28,7 @@ from starlette.requests import Request
 from vbatch.api import metrics
 from vbatch.api.services import Services
 from vbatch.core.errors import InvalidRequest, PayloadTooLarge, VBatchError
+from vbatch.core.expiry import parse_expires_after
 from vbatch.core.schemas import FileObject, FilePurpose
 
 log = logging.getLogger("vbatch.api.uploads")
@@ -50,6 +51,8 @@ UPLOAD_OPENAPI: dict[str, Any] = {
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "The JSONL input file."},
                         "purpose": {"type": "string", "enum": list(ACCEPTED_PURPOSES)},
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {"type": "integer", "minimum": 1, "maximum": 2592000},
                     },
                 }
             }
@@ -202,17 +205,31 @@ class _Upload:
         # The first client error; the rest of the body is then read and dropped so
         # the client, still sending, gets to read the answer.
         self.error: VBatchError | None = None
+        # expires_after[anchor] / expires_after[seconds], as sent (see _expiry_seconds).
+        self.expiry: dict[str, str] = {}
+        self.expiry_at_start: int | None = None  # what the file was stored with
+
+    def _expiry_seconds(self) -> int | None:
+        """OpenAI's expires_after form fields -> seconds (400 when invalid)."""
+        if not self.expiry:
+            return None
+        return parse_expires_after(
+            dict(self.expiry), param="expires_after", min_seconds=self.services.settings.file_expiry_min_seconds
+        )
 
     def _start_file(self, filename: str | None) -> None:
         pipe = _Pipe(self.loop)
         files, project, max_bytes = self.services.files, self.project, self.max_bytes
+        # Both fields before the file: stored with them; otherwise set once all arrived.
+        expires = self.expiry_at_start = self._expiry_seconds() if len(self.expiry) >= 2 else None
 
         def store() -> FileObject:
             try:
                 # Only 'batch' is accepted; a purpose arriving later that is not
                 # 'batch' deletes this file again.
                 return files.create(
-                    project, pipe.chunks(), filename=filename, purpose=FilePurpose.BATCH, max_bytes=max_bytes
+                    project, pipe.chunks(), filename=filename, purpose=FilePurpose.BATCH, max_bytes=max_bytes,
+                    expires_after_seconds=expires,
                 )
             finally:
                 pipe.consumer_done()
@@ -255,7 +272,11 @@ class _Upload:
                     self.purpose = buf.decode("utf-8", "replace").strip()
                     if not self.file_seen and self.purpose not in ACCEPTED_PURPOSES:
                         raise _invalid_purpose(self.purpose)
-                # Other fields (e.g. the SDK's expires_after[...]) are accepted and ignored.
+                elif name.startswith("expires_after[") and name.endswith("]"):
+                    self.expiry[name[len("expires_after[") : -1]] = buf.decode("utf-8", "replace").strip()
+                    if not self.file_seen and len(self.expiry) >= 2:
+                        self._expiry_seconds()  # refuse a bad value before storing anything
+                # Other fields are accepted and ignored.
 
     async def _read_body(self, parser: MultipartParser) -> None:
         received = 0
@@ -314,6 +335,14 @@ class _Upload:
                     "Missing required parameter: 'purpose'.", code="missing_required_parameter", param="purpose"
                 )
             raise _invalid_purpose(self.purpose)
+        try:
+            expires = self._expiry_seconds()
+        except VBatchError:
+            await self.loop.run_in_executor(None, self.services.files.delete, self.project, stored.id)
+            raise
+        if expires is not None and expires != self.expiry_at_start:  # the fields came after the file
+            stored = await self.loop.run_in_executor(
+                None, self.services.files.set_expiry, self.project, stored.id, expires)
         metrics.FILES_UPLOADED.inc()
         return stored
 

@@ -22,6 +22,8 @@ class Limits(BaseModel):
     # completion window -> seconds
     completion_windows: dict[str, int] = Field(default_factory=lambda: {"24h": 24 * 3600})
     upload_retention_seconds: int = 30 * 24 * 3600
+    # Result (output and error) files, unless the batch's output_expires_after says otherwise.
+    output_retention_seconds: int = 30 * 24 * 3600
 
 
 class Settings(BaseSettings):
@@ -64,6 +66,25 @@ class Settings(BaseSettings):
     part_max_seconds: float = 2.0
     # After SIGTERM (cancel, expiry, pod eviction), how long in-flight requests may finish.
     stop_grace_seconds: float = 10.0
+
+    # Files: the shortest expires_after a client may ask for (OpenAI's is 3600 s; at
+    # most 30 days), and how often expired files are swept (gateway or operator).
+    file_expiry_min_seconds: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
+    expiry_sweep_seconds: float = Field(default=300.0, gt=0)
+
+    # Webhooks: endpoints per project (single node: <data_dir>/webhooks.json; the chart
+    # mounts a Secret), private/loopback targets refused unless allowed, and for how
+    # long an undelivered event is retried (backoff) before it is dropped.
+    webhook_endpoints_file: Path | None = None
+    webhook_allow_private: bool = False
+    webhook_retry_seconds: float = Field(default=72 * 3600, gt=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    # First retry after this many seconds, doubling per attempt up to an hour.
+    webhook_backoff_seconds: float = Field(default=5.0, gt=0)
+
+    # The operator serves its metrics (of the work) on this port at /metrics.
+    operator_metrics_port: int = 8081
 
     limits: Limits = Field(default_factory=Limits)
 

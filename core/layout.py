@@ -53,3 +53,8 @@ class ShardProgress(BaseModel):
     parts: int = 0
     finished: bool = False
     updated_at: float = 0.0
+    # When the first result part of any attempt was written (unix seconds), and the
+    # worker seconds spent on this shard over all attempts: read by the driver for
+    # metrics (this record outlives the worker pod).
+    first_result_at: float | None = None
+    gpu_seconds: float = 0.0

@@ -118,6 +118,14 @@ class SqliteBatchStore:
             ).fetchall()
         return iter([self._decode(*row) for row in rows])
 
+    def status_counts(self) -> dict[tuple[str, str | None], int]:
+        """{(status, model): batches} over every project (the metrics gauge)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, json_extract(data, '$.model'), count(*) FROM batches GROUP BY 1, 2"
+            ).fetchall()
+        return {(status, model): n for status, model, n in rows}
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

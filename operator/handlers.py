@@ -14,8 +14,10 @@ import os
 from typing import Any
 
 import kopf
+import prometheus_client
 from vbatch.core.config import Settings
 from vbatch.core.files import FileService
+from vbatch.core.operations import Operations, build_operations
 from vbatch.core.schemas import TERMINAL_STATUSES
 from vbatch.core.storage import open_store
 from vbatch.operator.builders import GROUP, PLURAL, VERSION
@@ -38,20 +40,33 @@ def load_worker_config() -> WorkerPodConfig:
     return WorkerPodConfig.from_file(path) if path else WorkerPodConfig()
 
 
-def build_reconciler(settings: Settings | None = None) -> Reconciler:
+def build_reconciler(settings: Settings | None = None, operations: Operations | None = None) -> Reconciler:
 
     settings = settings or Settings()
     store = open_store(settings)
     served, gpus = _catalog(settings)
+    files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
+                        output_retention_seconds=settings.limits.output_retention_seconds)
+    kube = Kube(api_client("operator"), settings.namespace)
     return Reconciler(
         settings=settings,
         store=store,
-        files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds),
-        kube=Kube(api_client("operator"), settings.namespace),
+        files=files,
+        kube=kube,
         worker=load_worker_config(),
         served_models=served,
         model_gpus=gpus,
+        events=operations.events if operations else None,
     )
+
+
+def build_operator_operations(settings: Settings) -> Operations:
+    """Metrics of the work (exported on settings.operator_metrics_port), the expiry
+    sweeper and the webhook deliverer (outbox in object storage)."""
+    store = open_store(settings)
+    files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
+                        output_retention_seconds=settings.limits.output_retention_seconds)
+    return build_operations(settings, files, Kube(api_client("operator"), settings.namespace), cluster=True)
 
 
 def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:
@@ -82,7 +97,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # `kubectl describe batch`; only its warnings and errors are posted.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = int(os.environ.get("VBATCH_OPERATOR_WATCH_TIMEOUT", "300"))
-    memo.reconciler = build_reconciler()
+    app_settings = Settings()
+    memo.operations = build_operator_operations(app_settings)
+    memo.reconciler = build_reconciler(app_settings, memo.operations)
+    if app_settings.operator_metrics_port:  # 0: no metrics server
+        try:
+            prometheus_client.start_http_server(app_settings.operator_metrics_port)
+        except OSError as exc:  # a taken port must not stop the operator from working
+            log.error("metrics server on port %d failed: %s", app_settings.operator_metrics_port, exc)
+    memo.operations.start()
+
+
+@kopf.on.cleanup()
+def shut_down(memo: kopf.Memo, **_: Any) -> None:
+    operations = getattr(memo, "operations", None)
+    if operations is not None:
+        operations.stop()
 
 
 # --- triggers -------------------------------------------------------------------------

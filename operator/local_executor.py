@@ -14,9 +14,10 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from vbatch.core import lifecycle
+from vbatch.core import lifecycle, metrics
 from vbatch.core.batch_store import BatchStore, StaleRecord
 from vbatch.core.config import Settings, settings_env
+from vbatch.core.events import BatchEvents
 from vbatch.core.files import FileService
 from vbatch.core.schemas import BatchRecord
 from vbatch.core.state import Action, Observation, next_action
@@ -53,7 +54,9 @@ class LocalExecutor:
         poll_seconds: float = 0.5,
         max_attempts: int = 3,
         retry_backoff: float = 2.0,
+        events: BatchEvents | None = None,
     ) -> None:
+        self.events = events or BatchEvents()
         self.settings = settings
         self.store = store
         self.files = files
@@ -144,12 +147,11 @@ class LocalExecutor:
         now = int(time.time())
         try:
             if action == Action.VALIDATE:
-                self.batches.save(
-                    lifecycle.validate(self.files, record, served_models=self.served_models, limits=self.settings.limits, now=now)
-                )
+                self._save(record, lifecycle.validate(
+                    self.files, record, served_models=self.served_models, limits=self.settings.limits, now=now))
             elif action == Action.LAUNCH:
                 launched = lifecycle.launch(self.store, self.files, record, self.settings)
-                self.batches.save(launched)
+                self._save(record, launched)
                 if not launched.status.is_terminal:
                     self._schedule(launched)
             elif action == Action.WAIT:
@@ -163,6 +165,10 @@ class LocalExecutor:
                 self._stop_then_finish(record, "batch_expired")
         except StaleRecord:
             self._wake.set()  # changed meanwhile (e.g. cancelled): decide again with the new record
+
+    def _save(self, before: BatchRecord, after: BatchRecord) -> None:
+        self.batches.save(after)
+        self.events.saved(before, after)  # metrics, webhooks
 
     def _schedule(self, record: BatchRecord) -> None:
         book = self._book(record)
@@ -179,7 +185,7 @@ class LocalExecutor:
     def _refresh_counts(self, record: BatchRecord) -> None:
         updated = lifecycle.with_progress(record, lifecycle.read_progress(self.store, record))
         if updated.request_counts != record.request_counts or updated.usage != record.usage:
-            self.batches.save(updated)
+            self._save(record, updated)
 
     def _stop_then_finish(self, record: BatchRecord, missing_code: str) -> None:
         book = self._book(record) if record.shard_count is not None else None
@@ -197,7 +203,7 @@ class LocalExecutor:
             book = self._books.get(record.id)
             failed = frozenset(book.failed) if book else frozenset()
         done = lifecycle.finish(self.store, self.files, record, missing_code=missing_code, failed_shards=failed, now=int(time.time()))
-        self.batches.save(done)
+        self._save(record, done)
         lifecycle.remove_working_data(self.store, done)
         with self._lock:
             self._books.pop(record.id, None)
@@ -221,6 +227,7 @@ class LocalExecutor:
             if book is None:
                 return
             book.running.discard(task.shard)
+            metrics.shard_attempt(task.model, "succeeded" if result.finished else "stopped" if book.stopping else "failed")
             if result.finished:
                 book.succeeded.add(task.shard)
             elif not book.stopping:  # died, or stopped without finishing: one attempt spent

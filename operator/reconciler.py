@@ -21,6 +21,7 @@ from typing import Any
 from vbatch.core import lifecycle, state
 from vbatch.core.batch_store import StaleRecord
 from vbatch.core.config import Settings
+from vbatch.core.events import BatchEvents
 from vbatch.core.files import FileService
 from vbatch.core.schemas import BatchRecord, BatchStatus
 from vbatch.core.state import Action, next_action
@@ -62,7 +63,9 @@ class Reconciler:
         worker: WorkerPodConfig,
         served_models: Collection[str] | None,
         model_gpus: dict[str, int] | None = None,
+        events: BatchEvents | None = None,
     ) -> None:
+        self.events = events or BatchEvents()
         self.settings = settings
         self.store = store
         self.files = files
@@ -168,6 +171,7 @@ class Reconciler:
         status = builders.build_batch_status(record) | (extra or {})
         written = self.kube.patch_batch_status(name, record.revision, status)
         saved = record.model_copy(update={"revision": written["metadata"]["resourceVersion"]})
+        self.events.saved(builders.batch_record_from_resource(obj), saved)  # metrics, webhooks
         if saved.status.value != before:
             self._announce(written, saved)
         obj.update(written)

@@ -8,6 +8,7 @@ listed; a crash may leave one behind, which `list` ignores.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import os
@@ -219,6 +220,23 @@ class LocalObjectStore:
             raise _storage_error("list", prefix, exc) from exc
         keys.sort()
         return iter(keys)
+
+    def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:
+        if not prefix.endswith("/"):
+            raise ValueError(f"list_page needs a folder prefix ending in '/', not {prefix!r}")
+        directory = self.root.joinpath(*check_key(prefix.rstrip("/")).split("/"))
+        try:
+            names = sorted(
+                entry.name for entry in os.scandir(directory) if entry.is_file() and TMP_MARKER not in entry.name
+            )
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise _storage_error("list", prefix, exc) from exc
+        keys = [prefix + name for name in names]
+        if start_after is not None:
+            keys = keys[bisect.bisect_right(keys, start_after):]
+        return keys[:limit]
 
     def delete_prefix(self, prefix: str) -> None:
         for key in list(self.list(prefix)):

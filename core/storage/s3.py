@@ -296,6 +296,27 @@ class S3ObjectStore:
         keys.sort()
         return iter(keys)
 
+    def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:
+        if not prefix.endswith("/"):
+            raise ValueError(f"list_page needs a folder prefix ending in '/', not {prefix!r}")
+        self._ensure_bucket()
+        keys: list[str] = []
+        try:
+            # The public list_objects always asks for 1000 keys; a page of 20 should
+            # cost the server 20, so ask for what is needed (minio's own pager).
+            listing = self.client._list_objects(
+                self.bucket, prefix=prefix, delimiter="/", start_after=start_after or None,
+                max_keys=min(max(limit, 1), 1000),
+            )
+            for obj in listing:
+                if obj.object_name and not obj.is_dir:
+                    keys.append(obj.object_name)
+                    if len(keys) >= limit:
+                        break
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error("list", prefix, exc) from exc
+        return sorted(keys)
+
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
             self.delete(key)
