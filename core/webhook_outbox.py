@@ -177,7 +177,8 @@ class Deliverer:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
         self._client.close()
 
     def wake(self) -> None:
