@@ -90,7 +90,7 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
 
     store = open_store(settings)
     files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
-                        output_retention_seconds=settings.limits.output_retention_seconds)
+                        output_retention_seconds=settings.output_retention_seconds)
     keys = KeyStore(settings.api_keys_file or settings.data_dir / "api_keys")
     model_ids, created = listed_models(settings)
     if settings.batch_store == "kubernetes":

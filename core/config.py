@@ -22,8 +22,6 @@ class Limits(BaseModel):
     # completion window -> seconds
     completion_windows: dict[str, int] = Field(default_factory=lambda: {"24h": 24 * 3600})
     upload_retention_seconds: int = 30 * 24 * 3600
-    # Result (output and error) files, unless the batch's output_expires_after says otherwise.
-    output_retention_seconds: int = 30 * 24 * 3600
 
 
 class Settings(BaseSettings):
@@ -71,6 +69,8 @@ class Settings(BaseSettings):
     # most 30 days), and how often expired files are swept (gateway or operator).
     file_expiry_min_seconds: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
     expiry_sweep_seconds: float = Field(default=300.0, gt=0)
+    # Result (output and error) files live this long unless the batch's output_expires_after says.
+    output_retention_seconds: int = Field(default=30 * 24 * 3600, ge=1, le=30 * 24 * 3600)
 
     # Webhooks: endpoints per project (single node: <data_dir>/webhooks.json; the chart
     # mounts a Secret), private/loopback targets refused unless allowed, and for how

@@ -46,7 +46,7 @@ def build_reconciler(settings: Settings | None = None, operations: Operations | 
     store = open_store(settings)
     served, gpus = _catalog(settings)
     files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
-                        output_retention_seconds=settings.limits.output_retention_seconds)
+                        output_retention_seconds=settings.output_retention_seconds)
     kube = Kube(api_client("operator"), settings.namespace)
     return Reconciler(
         settings=settings,
@@ -65,7 +65,7 @@ def build_operator_operations(settings: Settings) -> Operations:
     sweeper and the webhook deliverer (outbox in object storage)."""
     store = open_store(settings)
     files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
-                        output_retention_seconds=settings.limits.output_retention_seconds)
+                        output_retention_seconds=settings.output_retention_seconds)
     return build_operations(settings, files, Kube(api_client("operator"), settings.namespace), cluster=True)
 
 
