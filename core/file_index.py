@@ -5,6 +5,7 @@ An index entry is an empty object whose key sorts the way the list is ordered:
     projects/<p>/file-index/<purpose>/asc/<created_at:012d>.<file_id>
     projects/<p>/file-index/<purpose>/desc/<inverted created_at>.<inverted file_id>
     file-expiry/<expires_at:012d>.<file_id>.<project>        (the sweeper's queue)
+    file-index-ready/<project>                               (the project is indexed)
 
 Each folder is flat, so one S3 ListObjectsV2 with `start-after` and `max-keys`
 returns the next page; descending order has its own entries because S3 lists only
@@ -31,7 +32,9 @@ _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # An involution that reverses the order of id characters (ids are [0-9A-Za-z-]).
 _INVERT = str.maketrans(_ALPHABET, _ALPHABET[::-1])
 EXPIRY_PREFIX = "file-expiry/"
-READY_MARKER = "ready"
+# `file-index-ready/<project>`: every file of the project is indexed (kept outside the
+# project's prefix, which holds only its files and batches).
+READY_PREFIX = "file-index-ready/"
 # How many index keys one listing request asks for beyond the page.
 _LIST_SLACK = 8
 
@@ -101,13 +104,13 @@ class FileIndex:
         with self._lock:
             if project in self._ready:
                 return True
-        if self.store.exists(index_root(project) + READY_MARKER):
+        if self.store.exists(READY_PREFIX + project):
             self.mark_ready(project)
             return True
         return False
 
     def mark_ready(self, project: str) -> None:
-        self.store.put_bytes(index_root(project) + READY_MARKER, b"")
+        self.store.put_bytes(READY_PREFIX + project, b"")
         with self._lock:
             self._ready.add(project)
 

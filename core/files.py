@@ -89,6 +89,8 @@ class FileService:
         and every File object is listed. `expires_after_seconds` counts from
         created_at; by default uploads and results keep their retention."""
         file_id = file_id or new_file_id()
+        # A project with no files yet needs no catch-up scan later: every file it will have is indexed.
+        new_project = not self.index.is_ready(project) and not self.store.list_page(f"projects/{project}/files/", limit=1)
         if max_bytes is not None:
             chunks = limit_size(chunks, max_bytes)
         size = self.store.put_stream(file_key(project, file_id), chunks)
@@ -117,6 +119,8 @@ class FileService:
             with contextlib.suppress(Exception):
                 self.index.remove(project, meta)
             raise
+        if new_project:
+            self.index.mark_ready(project)
         return meta
 
     def _write_meta(self, project: str, meta: FileObject) -> None:

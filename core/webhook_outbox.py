@@ -48,7 +48,9 @@ class Outbox(Protocol):
 
     def due(self, now: float, limit: int) -> list[Delivery]: ...
 
-    def update(self, delivery: Delivery) -> None: ...
+    def update(self, delivery: Delivery, previous_next_at: float) -> None:
+        """Store a new attempt count and next_at (previous_next_at: what it was)."""
+        ...
 
     def remove(self, delivery: Delivery) -> None: ...
 
@@ -86,7 +88,7 @@ class SqliteOutbox:
             ).fetchall()
         return [Delivery(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
 
-    def update(self, delivery: Delivery) -> None:
+    def update(self, delivery: Delivery, previous_next_at: float) -> None:
         with self._lock:
             self._db.execute("UPDATE deliveries SET attempts = ?, next_at = ? WHERE id = ?",
                              (delivery.attempts, delivery.next_at, delivery.id))
@@ -101,49 +103,46 @@ class SqliteOutbox:
 
 
 class ObjectStoreOutbox:
-    """One object per delivery under webhooks/outbox/ (cluster mode: survives any pod)."""
+    """One object per delivery under webhooks/outbox/ (cluster mode: survives any pod).
+    Keys start with the time of the next attempt, so finding what is due lists only
+    that: `<next_at ms>.<event id>.<endpoint id>.json`."""
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
-    def _key(self, delivery_id: str) -> str:
-        return OUTBOX_PREFIX + delivery_id + ".json"
+    @staticmethod
+    def _key(delivery: Delivery) -> str:
+        return f"{OUTBOX_PREFIX}{int(delivery.next_at * 1000):015d}.{delivery.id}.json"
 
     def _write(self, delivery: Delivery) -> None:
-        self.store.put_bytes(self._key(delivery.id), json.dumps(delivery.__dict__).encode())
+        self.store.put_bytes(self._key(delivery), json.dumps(delivery.__dict__).encode())
 
     def put(self, event: dict, endpoint_id: str) -> None:
         now = time.time()
-        delivery_id = _delivery_id(event, endpoint_id)
-        if not self.store.exists(self._key(delivery_id)):
-            self._write(Delivery(delivery_id, event, endpoint_id, 0, now, now))
+        self._write(Delivery(_delivery_id(event, endpoint_id), event, endpoint_id, 0, now, now))
 
     def due(self, now: float, limit: int) -> list[Delivery]:
         found: list[Delivery] = []
-        start: str | None = None
-        while len(found) < limit:
-            keys = self.store.list_page(OUTBOX_PREFIX, start_after=start, limit=200)
-            for key in keys:
-                try:
-                    delivery = Delivery(**json.loads(self.store.get_bytes(key)))
-                except ObjectNotFound:
-                    continue  # delivered meanwhile
-                except ValueError:
-                    log.error("unreadable webhook delivery %s removed", key)
-                    self.store.delete(key)
-                    continue
-                if delivery.next_at <= now:
-                    found.append(delivery)
-            if len(keys) < 200:
-                break
-            start = keys[-1]
-        return found[:limit]
+        for key in self.store.list_page(OUTBOX_PREFIX, limit=limit):
+            if int(key[len(OUTBOX_PREFIX):].split(".", 1)[0]) > now * 1000:
+                break  # in time order: the rest waits too
+            try:
+                found.append(Delivery(**json.loads(self.store.get_bytes(key))))
+            except ObjectNotFound:
+                continue  # delivered meanwhile
+            except (ValueError, TypeError):
+                log.error("unreadable webhook delivery %s removed", key)
+                self.store.delete(key)
+        return found
 
-    def update(self, delivery: Delivery) -> None:
-        self._write(delivery)
+    def update(self, delivery: Delivery, previous_next_at: float) -> None:
+        old = self._key(Delivery(delivery.id, {}, "", next_at=previous_next_at))
+        self._write(delivery)  # first the new attempt time, then the old one goes
+        if old != self._key(delivery):
+            self.store.delete(old)
 
     def remove(self, delivery: Delivery) -> None:
-        self.store.delete(self._key(delivery.id))
+        self.store.delete(self._key(delivery))
 
 
 class Deliverer:
@@ -228,6 +227,7 @@ class Deliverer:
 
     def _retry_later(self, delivery: Delivery, url: str, problem: str) -> None:
         now = time.time()
+        previous = delivery.next_at
         delivery.attempts += 1
         if now - delivery.first_at >= self.retry_seconds:
             log.error("webhook %s to %s: giving up after %d attempts (%s)", delivery.event["id"], url,
@@ -238,4 +238,4 @@ class Deliverer:
         delivery.next_at = now + delay * random.uniform(0.8, 1.2)  # spread retries of many events
         log.warning("webhook %s to %s failed (%s); attempt %d again in %.0f s", delivery.event["id"], url,
                     problem, delivery.attempts + 1, delivery.next_at - now)
-        self.outbox.update(delivery)
+        self.outbox.update(delivery, previous)

@@ -82,11 +82,11 @@ def test_an_entry_left_by_a_crashed_upload_is_skipped_then_repaired(object_store
 def test_files_from_before_the_index_are_indexed_on_first_listing(object_store):
     files = FileService(object_store)
     made = [_file(files, "p", 10 + i) for i in range(3)]
-    for key in list(object_store.list(file_index.index_root("p"))):
+    for key in [*object_store.list(file_index.index_root("p")), file_index.READY_PREFIX + "p"]:
         object_store.delete(key)  # as a store written by an older vbatch
     fresh = FileService(object_store)
     assert [f.id for f in fresh.list("p", order="asc")[0]] == [f.id for f in made]
-    assert object_store.exists(file_index.index_root("p") + file_index.READY_MARKER)
+    assert object_store.exists(file_index.READY_PREFIX + "p")
 
 
 def test_list_page_pages_a_flat_folder(object_store):
