@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     engine: str = "auto"
     # Echo test engine only: simulated seconds per generated token (tests, benchmarks).
     echo_delay_per_token: float = 0.0
-    # Model catalog file (YAML or JSON); see vbatch.worker.catalog.
+    # Model catalog file (YAML or JSON); see vbatch.core.catalog.
     model_catalog: Path | None = None
 
     # API keys: single-node keeps hashes in data_dir; clusters mount a file of hashes.

@@ -59,7 +59,7 @@ def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:
     engine serves any id, and asks for the GPUs the worker config says."""
     if settings.engine == "echo":
         return None, {}
-    from vbatch.worker.catalog import load_catalog
+    from vbatch.core.catalog import load_catalog
 
     catalog = load_catalog(settings.model_catalog, settings.data_dir)
     return catalog.ids(), {m.id: m.gpus_per_replica for m in catalog.models}

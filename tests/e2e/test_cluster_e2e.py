@@ -18,7 +18,7 @@ import pytest
 from api_server import chat_line, jsonl, serve
 from kube.harness import ClusterEnv, wait_for
 from openai import OpenAI
-from vbatch.api.kube_store import KubeBatchStore
+from vbatch.operator.cr_store import KubeBatchStore
 from vbatch.api.services import NoopRunner, Services
 from vbatch.core.ids import batch_object_name
 from vbatch.core.keys import KeyStore
