@@ -80,7 +80,9 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
     if settings.batch_store == "kubernetes":
         from vbatch.operator.cr_store import KubeBatchStore
 
-        return Services(settings=settings, files=files, batches=KubeBatchStore.from_settings(settings), keys=keys,
+        # The gateway gets the operator's store of Batch resources: cli is where rooms meet.
+        batches = KubeBatchStore.from_settings(settings, store)
+        return Services(settings=settings, files=files, batches=batches, keys=keys,
                         runner=NoopRunner(), served_models=served_models(settings, engine)), None
 
     from vbatch.core.sqlite_store import SqliteBatchStore

@@ -281,14 +281,16 @@ class S3ObjectStore:
         except _TRANSPORT_ERRORS as exc:
             raise self._error("delete", key, exc) from exc
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def list(self, prefix: str, *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
         self._ensure_bucket()
+        keys: list[str] = []
         try:
-            keys = [
-                obj.object_name
-                for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
-                if obj.object_name and not obj.is_dir
-            ]
+            listing = self.client.list_objects(self.bucket, prefix=prefix, recursive=True, start_after=start_after)
+            for obj in listing:  # lazy: one ListObjectsV2 request per 1000 keys
+                if obj.object_name and not obj.is_dir and (start_after is None or obj.object_name > start_after):
+                    keys.append(obj.object_name)
+                    if limit is not None and len(keys) >= limit:
+                        break
         except _TRANSPORT_ERRORS as exc:
             raise self._error("list", prefix, exc) from exc
         # Servers differ (a filesystem-backed one lists per directory): the
