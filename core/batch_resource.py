@@ -24,7 +24,7 @@ from pydantic.alias_generators import to_camel
 from vbatch.core.ids import batch_id_from_object_name, batch_object_name
 from vbatch.core.projects import PROJECT_ID_PATTERN
 from vbatch.core.schemas import (
-    CHAT_COMPLETIONS,
+    SUPPORTED_ENDPOINTS,
     BatchErrorItem,
     BatchErrors,
     BatchRecord,
@@ -107,7 +107,7 @@ class BatchSpec(_Camel):
     """What the client asked for."""
 
     input_file_id: str = Field(pattern="^file-", max_length=128)
-    endpoint: Literal[CHAT_COMPLETIONS]  # type: ignore[valid-type]
+    endpoint: Literal[SUPPORTED_ENDPOINTS]  # type: ignore[valid-type]  (a new endpoint: `make crds`)
     completion_window: Literal["24h"]
     model: str | None = Field(default=None, max_length=253)
     project: str = Field(pattern=PROJECT_ID_PATTERN,
