@@ -285,7 +285,13 @@ class S3ObjectStore:
         self._ensure_bucket()
         keys: list[str] = []
         try:
-            listing = self.client.list_objects(self.bucket, prefix=prefix, recursive=True, start_after=start_after)
+            if limit is None:
+                listing = self.client.list_objects(self.bucket, prefix=prefix, recursive=True, start_after=start_after)
+            else:
+                # A page asks the server for a page (max-keys), not for its default 1000 keys:
+                # minio's public list_objects does not expose max-keys (minio is pinned <8).
+                listing = self.client._list_objects(self.bucket, prefix=prefix, start_after=start_after,
+                                                    max_keys=min(max(limit, 1), 1000), encoding_type="url")
             for obj in listing:  # lazy: one ListObjectsV2 request per 1000 keys
                 if obj.object_name and not obj.is_dir and (start_after is None or obj.object_name > start_after):
                     keys.append(obj.object_name)

@@ -28,7 +28,8 @@ MAX_SNAPSHOTS = 64
 
 
 class Snapshots(OrderedDict):
-    """(resource, namespace, resourceVersion) -> every object then, in key order."""
+    """(resource, namespace, selectors, resourceVersion) -> the objects of that list then,
+    in key order (a continued list must keep its selectors, as the API server requires)."""
 
     def keep(self, key: tuple, items: Snapshot) -> None:
         self[key] = items
@@ -61,23 +62,22 @@ def list_page(store: Store, snapshots: Snapshots, spec: ResourceSpec, ns: str | 
     except ValueError:
         raise error(400, "BadRequest", f"limit must be an integer: {params.get('limit')!r}") from None
     token = params.get("continue") or ""
+    selectors = (params.get("labelSelector") or "", params.get("fieldSelector") or "")
     if token:
         revision, after = decode_token(token)
-        items = snapshots.get((spec.resource, ns, revision))
+        items = snapshots.get((spec.resource, ns, selectors, revision))
         if items is None or revision < store.compacted:
             raise error(410, "Expired", "The provided continue parameter is too old to display a consistent list "
                         "result. You can start a new list without the continue parameter.")
         items = [o for o in items if _key(o) > after]
     else:
         revision = store.revision
-        items = store.list(spec.resource, ns, lambda obj: True)
-    matched = [o for o in items if match(o)]
-    page = matched[:limit] if limit else matched
+        items = store.list(spec.resource, ns, match)
+    page = items[:limit] if limit else items
     metadata: dict[str, Any] = {"resourceVersion": str(revision)}
-    if limit and len(matched) > limit:
-        if (spec.resource, ns, revision) not in snapshots:
-            snapshots.keep((spec.resource, ns, revision), items)
+    if limit and len(items) > limit:
+        snapshots.keep((spec.resource, ns, selectors, revision), items)
         metadata["continue"] = encode_token(revision, _key(page[-1]))
-        if not params.get("labelSelector") and not params.get("fieldSelector"):
-            metadata["remainingItemCount"] = len(matched) - limit
+        if not any(selectors):
+            metadata["remainingItemCount"] = len(items) - limit
     return {"apiVersion": spec.api_version, "kind": f"{spec.kind}List", "metadata": metadata, "items": page}
