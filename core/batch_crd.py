@@ -42,7 +42,7 @@ PRINTER_COLUMNS = [
 ]
 
 HEADER = """\
-# GENERATED from vbatch/core/batch_resource.py by `make crds` -- do not edit by hand.
+# GENERATED from core/batch_resource.py by `make crds` (python -m vbatch.core.batch_crd --write): do not edit.
 # The Batch custom resource (the chart ships this same file). Field names are camelCase
 # like every Kubernetes API; the gateway maps them to the OpenAI wire names. The schema is
 # structural, so the API server prunes anything it does not declare.
