@@ -266,9 +266,12 @@ class Driver:
         if record.status == BatchStatus.VALIDATING:
             done = lifecycle.end_unmerged(record, to, [item], now)  # nothing ran: no lines to write
         else:
-            try:
-                if record.shard_count is not None:
+            if record.shard_count is not None:
+                try:
                     self.runtime.stop(record)  # best effort: what is still in flight becomes error lines
+                except Exception as exc:
+                    log.warning("batch %s: could not stop its shards (%s)", record.id, classify(exc).message)
+            try:
                 done = lifecycle.finish(self.store, self.files, record, missing_code=code, to=to, errors=[item], now=now,
                                         missing_message=f"The batch ended before this request ran: {error.message}")
             except Exception as exc:
