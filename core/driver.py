@@ -234,11 +234,12 @@ class Driver:
         failure = StepFailure(action=step.action, kind=error.kind, code=error.code, message=error.message[:1000],
                               attempts=attempts, first_at=first_at, last_at=now, retry_at=now + self._backoff(attempts))
         settings = self.settings
-        spent = (not error.transient or attempts >= settings.step_max_attempts
-                 or now - first_at >= settings.step_max_seconds)
+        budget = settings.step_max_attempts if error.transient else min(settings.step_permanent_attempts,
+                                                                         settings.step_max_attempts)
+        spent = attempts >= budget or now - first_at >= settings.step_max_seconds
         log_error = log.error if spent else log.warning
         log_error("batch %s: %s failed (%s %s, attempt %d of %d): %s%s", record.id, step.action, error.kind,
-                  error.code, attempts, settings.step_max_attempts, error.message,
+                  error.code, attempts, budget, error.message,
                   "; ending the batch" if spent else f"; retrying in {failure.retry_at - now:.1f} s",
                   exc_info=error.code == "internal_error")
         failing = record.model_copy(update={"step_failure": failure})
