@@ -142,7 +142,7 @@ class KubeAnnouncer:
         if failure is not None and (before is None or before.step_failure != failure):
             spent = after.status.is_terminal
             message = (f"{failure.action} failed (attempt {failure.attempts}, {failure.kind} {failure.code}): "
-                       f"{failure.message}" + ("" if spent else f"; retrying in {max(0.0, failure.retry_at - failure.last_at):.0f} s"))
+                       f"{failure.message}" + ("" if spent else f"; retrying in {max(0.0, failure.retry_at - failure.last_at):.1f} s"))
             self._post(after, "StepFailed", message, "Warning")
         if before is not None and before.status == after.status:
             return

@@ -204,3 +204,39 @@ def test_an_input_file_deleted_before_launch_fails_the_batch_cleanly(tmp_path):
     assert done.errors.data[0].code == "input_file_not_found"
     for ex in node.running:
         ex.stop()
+
+
+def test_cancelled_before_launch_with_its_input_deleted_ends_cancelled(tmp_path):
+    node = Node(tmp_path)
+    record = node.submit(5)  # no executor yet: nothing is launched
+    node.files.delete(P, record.input_file_id)
+    node.batches.request_cancel(P, record.id)
+    node.executor()
+    done = node.wait(record.id, {BatchStatus.CANCELLED, BatchStatus.FAILED})
+    assert done.status == BatchStatus.CANCELLED
+    assert done.request_counts.model_dump() == {"total": 5, "completed": 0, "failed": 5}
+    assert done.errors.data[-1].code == "input_file_not_found"
+    for ex in node.running:
+        ex.stop()
+
+
+def test_a_clean_up_cut_short_by_a_crash_is_finished_after_restart(tmp_path):
+    """The process died between saving the terminal status and removing the working data:
+    the record's marker brings the clean-up back."""
+    node = Node(tmp_path)
+    first = node.executor()
+    record = node.submit(5)
+    done = node.wait(record.id, {BatchStatus.COMPLETED})
+    first.stop()
+    node.running.remove(first)
+    leftover = f"projects/{P}/batches/{record.id}/shards/0.jsonl"
+    node.store.put_bytes(leftover, b"{}\n")  # as if the removal had not happened
+    node.batches.save(done.model_copy(update={"cleanup_pending": True}))
+    node.executor()
+    deadline = time.time() + 10
+    while node.batches.get(P, record.id).cleanup_pending or node.store.exists(leftover):
+        assert time.time() < deadline, "the clean-up never came back"
+        time.sleep(0.05)
+    assert node.batches.get(P, record.id).status == BatchStatus.COMPLETED
+    for ex in node.running:
+        ex.stop()
