@@ -124,8 +124,10 @@ class Driver:
         now = self.clock()
         if record.status.is_terminal:
             return self._clean_up(record, now) if record.cleanup_pending else False
-        if record.step_failure is not None and now < record.step_failure.retry_at:
-            return False  # backing off after a failed step
+        failure = record.step_failure
+        cancelling = record.status == BatchStatus.CANCELLING or record.cancel_requested
+        if failure is not None and now < failure.retry_at and not (cancelling and failure.action != Action.CANCEL):
+            return False  # backing off after a failed step (a new cancel is tried at once)
         step = _Round(record)
         try:
             seen = self.runtime.observe(record) if record.shard_count is not None else ShardsSeen()
@@ -220,7 +222,8 @@ class Driver:
     # --- failures --------------------------------------------------------------------
 
     def _backoff(self, attempts: int) -> float:
-        """Exponential, capped, with full jitter (half fixed, so retries never bunch at 0)."""
+        """Exponential, capped, with "equal" jitter: half fixed, half random, so peers that
+        failed together spread out but never retry at once."""
         base = self.settings.step_retry_base_seconds * 2 ** (attempts - 1)
         capped = min(base, self.settings.step_retry_max_seconds)
         return capped * (0.5 + 0.5 * self.jitter())

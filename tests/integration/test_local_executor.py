@@ -88,7 +88,7 @@ def test_batch_completes_with_exact_counts_and_results(node):
     node.executor()
     record = node.submit(25)
     done = node.wait(record.id, {BatchStatus.COMPLETED})
-    assert done.shard_count == 3
+    assert done.shard_count == 3 and done.finalizing_at is not None  # finalizing was saved
     assert done.request_counts.model_dump() == {"total": 25, "completed": 25, "failed": 0}
     results = node.results(done)
     assert sorted(results) == sorted(f"r{i}" for i in range(25))

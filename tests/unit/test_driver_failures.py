@@ -97,6 +97,17 @@ def test_a_step_that_always_fails_ends_the_batch_within_the_budget(world, status
     assert world.settle(record).cleanup_pending is False
 
 
+def test_a_cancel_does_not_wait_for_the_backoff_of_a_failing_step(world):
+    record = world.drive(world.submit(8))
+    world.runtime.answer(record, [0])
+    world.runtime.raise_in["run"] = TimeoutError("slow")
+    assert world.drive(record).step_failure.attempts == 1
+    world.cancel(record)
+    done = world.drive(record)  # no clock advance: still inside the backoff
+    assert done.status == S.CANCELLED and done.step_failure is None
+    assert {v for v in world.codes(done).values() if v} == {"batch_cancelled"}
+
+
 def _raise(exc):
     def fail(*args, **kwargs):
         raise exc
