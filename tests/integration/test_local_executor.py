@@ -226,11 +226,16 @@ def test_a_clean_up_cut_short_by_a_crash_is_finished_after_restart(tmp_path):
     node = Node(tmp_path)
     first = node.executor()
     record = node.submit(5)
-    done = node.wait(record.id, {BatchStatus.COMPLETED})
+    node.wait(record.id, {BatchStatus.COMPLETED})
+    deadline = time.time() + 10
+    while node.batches.get(P, record.id).cleanup_pending:
+        assert time.time() < deadline
+        time.sleep(0.05)
     first.stop()
     node.running.remove(first)
     leftover = f"projects/{P}/batches/{record.id}/shards/0.jsonl"
     node.store.put_bytes(leftover, b"{}\n")  # as if the removal had not happened
+    done = node.batches.get(P, record.id)
     node.batches.save(done.model_copy(update={"cleanup_pending": True}))
     node.executor()
     deadline = time.time() + 10
