@@ -1,7 +1,8 @@
 """`vbatch serve`: the gateway, wired for the configured mode.
 
 Single-node (the default): SQLite batch store under the data dir, local or S3
-storage, and the local executor running worker subprocesses on this machine.
+storage, and the one driver (`vbatch.core.driver`) with the local shard runtime
+running worker subprocesses on this machine (`operator.local_executor`).
 Cluster: Batch custom resources as the store; the operator does the running.
 """
 
@@ -45,7 +46,7 @@ def served_models(settings: Settings, engine: str) -> Collection[str] | None:
     """The catalog's model ids; None (any id) for the echo test engine."""
     if engine == "echo":
         return None
-    from vbatch.worker.catalog import load_catalog
+    from vbatch.core.catalog import load_catalog
     from vbatch.worker.models import DEMO_MODEL_ID, prepare_demo_model
 
     catalog = load_catalog(settings.model_catalog, settings.data_dir)
@@ -72,7 +73,7 @@ def gpu_count() -> int:
 def listed_models(settings: Settings) -> tuple[list[str], int]:
     """What GET /v1/models lists: the catalog's ids (also with the echo test engine,
     which answers any id), and when the catalog was written."""
-    from vbatch.worker.catalog import load_catalog
+    from vbatch.core.catalog import load_catalog
 
     catalog = load_catalog(settings.model_catalog, settings.data_dir)
     path = settings.model_catalog
@@ -94,9 +95,11 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
     keys = KeyStore(settings.api_keys_file or settings.data_dir / "api_keys")
     model_ids, created = listed_models(settings)
     if settings.batch_store == "kubernetes":
-        from vbatch.api.kube_store import KubeBatchStore
+        from vbatch.operator.cr_store import KubeBatchStore
 
-        return Services(settings=settings, files=files, batches=KubeBatchStore.from_settings(settings), keys=keys,
+        # The gateway gets the operator's store of Batch resources: cli is where rooms meet.
+        batches = KubeBatchStore.from_settings(settings, store)
+        return Services(settings=settings, files=files, batches=batches, keys=keys,
                         runner=NoopRunner(), served_models=served_models(settings, engine),
                         model_ids=model_ids, models_created=created), None
 
@@ -109,7 +112,8 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
     operations = build_operations(settings, files, batches, cluster=False)
     executor = LocalExecutor(
         settings=settings, store=store, files=files, batches=batches, served_models=models,
-        engine=engine, slots=slots or max(1, gpu_count()), events=operations.events,
+        engine=engine, slots=slots or max(1, gpu_count()),
+        events=operations.events,  # every save the driver makes: metrics and webhooks listen
     )
     services = Services(settings=settings, files=files, batches=batches, keys=keys, runner=executor, served_models=models,
                         model_ids=model_ids, models_created=created)

@@ -44,12 +44,15 @@ class Settings(BaseSettings):
     # Batch state: SQLite under data_dir (single-node) or Batch custom resources.
     batch_store: Literal["sqlite", "kubernetes"] = "sqlite"
     namespace: str = "default"
+    # Cluster mode: a terminal Batch resource this many seconds past its end moves out of
+    # etcd into the archive in object storage (the API still returns it); 0 keeps them all.
+    batch_retention_seconds: int = Field(default=7 * 24 * 3600, ge=0)
 
     # Engine: "auto" picks vLLM when importable, else refuses; "echo" is the test engine.
     engine: str = "auto"
     # Echo test engine only: simulated seconds per generated token (tests, benchmarks).
     echo_delay_per_token: float = 0.0
-    # Model catalog file (YAML or JSON); see vbatch.worker.catalog.
+    # Model catalog file (YAML or JSON); see vbatch.core.catalog.
     model_catalog: Path | None = None
 
     # API keys: single-node keeps hashes in data_dir; clusters mount a file of hashes.
@@ -64,6 +67,20 @@ class Settings(BaseSettings):
     part_max_seconds: float = 2.0
     # After SIGTERM (cancel, expiry, pod eviction), how long in-flight requests may finish.
     stop_grace_seconds: float = 10.0
+
+    # Tries per shard before it counts as failed (its lines get `shard_failed`): the
+    # local runtime's attempts, the Kubernetes Job's backoffLimitPerIndex + 1.
+    shard_max_attempts: int = Field(default=3, ge=1)
+    # A failing driver step (storage down, a bug) is retried with exponential backoff
+    # and jitter from step_retry_base_seconds up to step_retry_max_seconds; transient
+    # failures end the batch after step_max_attempts tries or step_max_seconds since the
+    # first failure, whichever comes first; permanent ones (unreadable data, a bug) after
+    # step_permanent_attempts tries (a read cut short can look like bad data once).
+    step_max_attempts: int = Field(default=20, ge=1)
+    step_permanent_attempts: int = Field(default=3, ge=1)
+    step_max_seconds: float = Field(default=1800.0, ge=0)
+    step_retry_base_seconds: float = Field(default=1.0, ge=0)
+    step_retry_max_seconds: float = Field(default=300.0, ge=0)
 
     # Files: the shortest expires_after a client may ask for (OpenAI's is 3600 s; at
     # most 30 days), and how often expired files are swept (gateway or operator).
