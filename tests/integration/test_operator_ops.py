@@ -23,13 +23,13 @@ from webhook_receiver import WebhookReceiver
 pytestmark = pytest.mark.cluster
 
 
-def _apply(env: ClusterEnv, project: str, n: int) -> str:
+def _apply(env: ClusterEnv, project: str, n: int, **spec) -> str:
     file_id = env.files.create(project, iter([jsonl([chat_line(f"r{i}", "w " * (i + 1)) for i in range(n)])]),
                                filename="in.jsonl", purpose=FilePurpose.BATCH).id
     batch_id = new_batch_id()
     env.cluster.create({"apiVersion": BATCH_API, "kind": "Batch", "metadata": {"name": batch_object_name(batch_id)},
                         "spec": {"inputFileId": file_id, "endpoint": "/v1/chat/completions", "completionWindow": "24h",
-                                 "project": project}})
+                                 "project": project, **spec}})
     return batch_id
 
 
@@ -54,7 +54,7 @@ def test_operator_metrics_and_webhooks_of_applied_batches(cluster_env: ClusterEn
                   VBATCH_WEBHOOK_POLL_SECONDS="0.2")
     try:
         with env.operator(), env.job_runner():
-            ids = [_apply(env, project, 5), _apply(env, project, 2)]
+            ids = [_apply(env, project, 5), _apply(env, project, 2, outputExpiresAfterSeconds=7200)]
             statuses = [env.wait_settled(b)["status"] for b in ids]
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
             deadline = time.monotonic() + 30
@@ -63,6 +63,9 @@ def test_operator_metrics_and_webhooks_of_applied_batches(cluster_env: ClusterEn
     finally:
         receiver.stop()
     assert [s["phase"] for s in statuses] == ["completed", "completed"]
+    default, chosen = (env.files.get(project, s["outputFileId"]) for s in statuses)
+    assert default.expires_at == default.created_at + 30 * 86400  # the operator's result files expire too
+    assert chosen.expires_at == chosen.created_at + 7200  # output_expires_after, carried by the Batch spec
     completed = sum(s["requestCounts"]["completed"] for s in statuses)
     assert completed == 7
     assert _metric(text, "vbatch_batch_requests_total", project=project, outcome="completed") == completed
