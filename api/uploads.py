@@ -273,16 +273,22 @@ class _Upload:
                 return
             if self.error is not None:
                 continue  # draining
+            unparsable = False
             try:
                 parser.write(chunk)
+            except FormParserError:
+                unparsable = True
+            try:
+                # What the parser saw before a syntax error comes first, so the answer
+                # does not depend on where the network cut the body (found by fuzzing).
                 for kind, value in self.events.items:
                     await self._handle(kind, value)
-            except FormParserError:
-                self.error = InvalidRequest("The multipart body could not be parsed.", code="invalid_multipart")
             except VBatchError as exc:
                 self.error = exc
             finally:
                 self.events.items.clear()
+            if unparsable and self.error is None:
+                self.error = InvalidRequest("The multipart body could not be parsed.", code="invalid_multipart")
         if self.error is None:
             try:
                 parser.finalize()
@@ -311,7 +317,7 @@ class _Upload:
         assert self.job is not None
         stored = await self.job  # PayloadTooLarge / StorageError propagate as they are
         if self.purpose is None or self.purpose not in ACCEPTED_PURPOSES:
-            await self.loop.run_in_executor(self.executor, self.services.files.delete, self.project, stored.id)
+            await self.loop.run_in_executor(self.executor, self.services.files.discard, self.project, stored.id)
             if self.purpose is None:
                 raise InvalidRequest(
                     "Missing required parameter: 'purpose'.", code="missing_required_parameter", param="purpose"
@@ -335,7 +341,7 @@ class _Upload:
             log.exception("storing an abandoned upload failed")
             return
         # The file part had completed before the request went wrong.
-        await self.loop.run_in_executor(self.executor, self.services.files.delete, self.project, stored.id)
+        await self.loop.run_in_executor(self.executor, self.services.files.discard, self.project, stored.id)
 
 
 async def receive_upload(request: Request, project: str, services: Services) -> FileObject:

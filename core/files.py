@@ -157,6 +157,12 @@ class FileService:
 
     # --- deleting ------------------------------------------------------------
 
+    def discard(self, project: str, file_id: str) -> None:
+        """Remove a file that was never accepted (a refused upload): bytes and File
+        object, no deleted-record left behind. Absent parts are fine."""
+        self.store.delete(file_key(project, file_id))
+        self.store.delete(file_key(project, file_id) + ".json")
+
     def delete(self, project: str, file_id: str) -> None:
         meta = self.get(project, file_id)
         # Bytes first: on a full disk, deleting is how space comes back.
