@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     # Uploads streaming at once, in the whole gateway and per project; beyond them the
     # gateway answers 503 / 429 with Retry-After instead of queueing. Uploads get
     # their own pool of this many storage threads.
-    max_concurrent_uploads: int = 16
-    max_concurrent_uploads_per_project: int = 4
+    max_concurrent_uploads: int = 64
+    max_concurrent_uploads_per_project: int = 16
     retry_after_seconds: int = 5
     # Orphaned temporary files (writes killed mid-way) older than this are removed at
     # start-up and then every tmp_cleanup_interval_seconds.

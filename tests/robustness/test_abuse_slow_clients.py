@@ -108,7 +108,7 @@ def test_six_stalled_uploads_do_not_stop_other_uploads(tmp_path: Path, trickle: 
             for _ in range(3):
                 r = normal_upload(server, server.new_tenant())
                 assert r.status_code == 200, r.text
-            # The stalled tenants themselves can still upload (own limit 4, one in use).
+            # The stalled tenants themselves can still upload (one of their slots is in use).
             assert normal_upload(server, others[0]).status_code == 200
 
 
