@@ -1,12 +1,12 @@
-"""Every route on a full (and a read-only) data disk (issue 12, case 3).
+"""Every route on a full (and a read-only) data disk, or with S3 away (issue 12, case 3).
 
 The whole data dir — the SQLite batch store and the object store — sits on a small
 tmpfs made by the test (needs root, as in CI; skipped otherwise). Writes answer 503
 in the envelope with Retry-After, never 500; reads keep working; nothing stored is
 corrupted; once space is back everything works again. Two more tests make SQLite
 itself report "database or disk is full" (max_page_count) and "attempt to write a
-readonly database" (query_only), which need no root. (The object store on a
-read-only disk: test_faults_storage.)
+readonly database" (query_only), which need no root. The last runs every route with
+the S3 store unreachable. (The object store on a read-only disk: test_faults_storage.)
 """
 
 from __future__ import annotations
@@ -138,3 +138,29 @@ def test_sqlite_reporting_a_full_database_is_503(tmp_path: Path) -> None:
             db.execute("PRAGMA max_page_count = 1073741823")
             assert c.post("/v1/batches", json={"input_file_id": f["id"], **CREATE}).status_code == 200
     assert os.path.exists(tmp_path / "batches.sqlite")
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(120)
+def test_every_route_with_s3_unreachable(tmp_path: Path, s3_server) -> None:
+    from test_faults_storage import s3_node
+
+    s3_server.start()
+    content = jsonl([chat_line("a")])
+    with s3_node(tmp_path, s3_server, retry_seconds=0.5) as (c, _):
+        f = c.post("/v1/files", files={"file": ("a.jsonl", content)}, data={"purpose": "batch"}).json()
+        b = c.post("/v1/batches", json={"input_file_id": f["id"], **CREATE}).json()
+        s3_server.kill()
+        try:
+            assert_storage_503(c.post("/v1/files", files={"file": ("b.jsonl", content)}, data={"purpose": "batch"}))
+            assert_storage_503(c.get("/v1/files"))
+            assert_storage_503(c.get(f"/v1/files/{f['id']}"))
+            assert_storage_503(c.get(f"/v1/files/{f['id']}/content"))
+            assert_storage_503(c.delete(f"/v1/files/{f['id']}"))
+            assert_storage_503(c.post("/v1/batches", json={"input_file_id": f["id"], **CREATE}))
+            # The batch store is not the object store: batches still answer.
+            assert c.get(f"/v1/batches/{b['id']}").status_code == 200
+            assert c.post(f"/v1/batches/{b['id']}/cancel").status_code == 200
+        finally:
+            s3_server.start()
+        assert c.get(f"/v1/files/{f['id']}/content").content == content
