@@ -54,6 +54,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # between the first byte of a request and its last header
         self._head_bytes = 0
         self._head_too_large = False
+        self._message_complete = True  # False while a request is still arriving
+        self._discarding = False  # the request was answered, its body is still arriving
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()  # a new connection owes us a request head
 
@@ -68,11 +70,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
+        if not self._in_head or self.transport.is_closing():
+            return
+        if not self._discarding:
             self.transport.write(
                 _raw_error(408, "The request headers did not arrive in time.", "request_timeout")
             )
-            self.transport.close()
+        # else: the body of a request already answered (e.g. a refused upload) is still
+        # being read and dropped; the answer is out, so just stop.
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
@@ -92,7 +98,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._head_bytes = 0
+        self._message_complete = False
+        self._discarding = False
         super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        self._message_complete = True
+        self._discarding = False
+        if self._in_head:
+            # The dropped body of an answered request has ended: the connection is idle
+            # now (the keep-alive timer's), until the next request's first byte.
+            self._disarm_head_timer()
+        super().on_message_complete()
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -108,7 +125,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        self._in_head = True  # the next request's head, once its first byte arrives
+        # The next request's head, once its first byte arrives (unless a pipelined
+        # request, its head already parsed, runs next).
+        self._in_head = not self.pipeline
+        # Answered before its body ended: what still comes is read and dropped, for at
+        # most header_timeout (the timer armed by the next data) — then the connection closes.
+        self._discarding = not self._message_complete
         super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:

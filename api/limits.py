@@ -210,10 +210,13 @@ class RequestLimitsMiddleware:
         streamed = route is not None and (scope["method"], getattr(route, "path", "")) in STREAMED_BODY_ROUTES
         if route is not None and not streamed:
             try:
-                receive = await self._read_capped(headers, guard)
+                replay = await self._read_capped(headers, guard)
             except VBatchError as exc:
                 await self._reject(exc, scope, receive, send)
                 return
+            if replay is None:
+                return  # the client went away mid-body: nobody to answer
+            receive = replay
         else:
             receive = guard
 
@@ -227,7 +230,9 @@ class RequestLimitsMiddleware:
 
         await self.app(scope, receive, send_closing)
 
-    async def _read_capped(self, headers: Headers, guard: BodyGuard) -> Receive:
+    async def _read_capped(self, headers: Headers, guard: BodyGuard) -> Receive | None:
+        """The whole (small) body, read ahead and handed on as one message; None when
+        the client disconnected. BodyTooLarge past the cap, RequestTimeout if it stalls."""
         cap = self.settings.max_json_body_bytes
         too_large = BodyTooLarge(f"The request body is larger than the limit of {cap} bytes.")
         length = headers.get("content-length")
@@ -237,7 +242,7 @@ class RequestLimitsMiddleware:
         while not guard.complete:
             message = await guard()
             if message["type"] != "http.request":
-                break  # client gone: FastAPI sees the disconnect and gives up
+                return None
             body += message.get("body", b"")
             if len(body) > cap:
                 raise too_large

@@ -8,6 +8,7 @@ the stalled ones end in a 408 (or a 429/503 with Retry-After when over a limit).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -214,3 +215,40 @@ def test_an_oversized_request_head_is_refused_with_431(tmp_path: Path) -> None:
             assert len(body) < 500
         finally:
             sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_body_still_arriving_is_dropped_then_the_connection_closes(tmp_path: Path) -> None:
+    with start_api_server(tmp_path, header_timeout_seconds=1.0) as server:
+        head = (b"POST /v1/batches HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                b"content-length: 10000000\r\n\r\n")
+        sock = connect(server.url)
+        try:
+            sock.sendall(head + b" " * 65536)
+            status, _, _ = read_response(sock, timeout=10)
+            assert status == 401  # answered at once, while the body still comes
+            sock.settimeout(10)
+            started, extra = time.monotonic(), b""
+            try:
+                while time.monotonic() - started < 8:
+                    sock.send(b" " * 100)
+                    time.sleep(0.1)
+            except OSError:
+                pass  # closed by the server: what we want
+            with contextlib.suppress(OSError):
+                extra = sock.recv(65536)
+            assert time.monotonic() - started < 8, "the server kept reading a refused body"
+            assert b"HTTP/1.1" not in extra  # no stray second answer
+        finally:
+            sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_is_reusable_after_a_refused_body_was_dropped(tmp_path: Path) -> None:
+    with start_api_server(tmp_path, header_timeout_seconds=1.0) as server:
+        t = server.new_tenant()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            r = c.post("/v1/batches", content=b" " * 300_000, headers={"content-type": "application/json"})
+            assert r.status_code == 401
+            time.sleep(1.5)  # longer than the head timeout: idle keep-alive is not a stalled head
+            assert c.get("/v1/files", headers=t.headers).status_code == 200
