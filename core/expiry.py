@@ -71,7 +71,12 @@ def sweep(files: FileService, *, now: float | None = None) -> int:
                 continue
             if expires_at > now:
                 return removed
-            if files.purge(project, file_id, now=now):
+            try:
+                purged = files.purge(project, file_id, now=now)
+            except ValueError:  # not a key vbatch wrote (a project id it would refuse)
+                log.warning("expiry entry %s names no valid file; removed", key)
+                purged = False
+            if purged:
                 removed += 1
                 log.info("file %s of project %s expired: deleted", file_id, project)
             store.delete(key)  # last: a crash before this sweeps the file again

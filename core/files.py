@@ -17,9 +17,10 @@ from pathlib import PurePosixPath, PureWindowsPath
 
 import orjson
 from vbatch.core import file_index
-from vbatch.core.errors import NotFound, PayloadTooLarge
+from vbatch.core.errors import NotFound, PayloadTooLarge, StorageError, clip
 from vbatch.core.file_index import ALL_PURPOSES, FileIndex
 from vbatch.core.ids import is_file_id, new_file_id
+from vbatch.core.projects import check_project_id
 from vbatch.core.schemas import FileObject, FilePurpose
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore
 
@@ -30,12 +31,19 @@ DAYS_30 = 30 * 24 * 3600
 STALE_ENTRY_SECONDS = 600
 
 
-def _not_found(file_id: str) -> NotFound:
-    return NotFound(f"No such file: {file_id}", code="file_not_found", param="file_id")
+def files_prefix(project: str) -> str:
+    # The storage-key boundary: a project id with path syntax never names another prefix.
+    return f"projects/{check_project_id(project)}/files/"
 
 
 def file_key(project: str, file_id: str) -> str:
-    return f"projects/{project}/files/{file_id}"
+    if "/" in file_id or not file_id:
+        raise ValueError(f"invalid file id {clip(file_id)!r}")
+    return files_prefix(project) + file_id
+
+
+def _no_such_file(file_id: str) -> NotFound:
+    return NotFound(f"No such file: {clip(file_id)}", code="file_not_found", param="file_id")
 
 
 def sanitize_filename(filename: str | None, file_id: str) -> str:
@@ -90,7 +98,7 @@ class FileService:
         created_at; by default uploads and results keep their retention."""
         file_id = file_id or new_file_id()
         # A project with no files yet needs no catch-up scan later: every file it will have is indexed.
-        new_project = not self.index.is_ready(project) and not self.store.list_page(f"projects/{project}/files/", limit=1)
+        new_project = not self.index.is_ready(project) and not self.store.list_page(files_prefix(project), limit=1)
         if max_bytes is not None:
             chunks = limit_size(chunks, max_bytes)
         size = self.store.put_stream(file_key(project, file_id), chunks)
@@ -155,10 +163,10 @@ class FileService:
 
     def get(self, project: str, file_id: str) -> FileObject:
         if not is_file_id(file_id):
-            raise _not_found(file_id)
+            raise _no_such_file(file_id)
         meta = self._live(self._load(file_key(project, file_id) + ".json"), time.time())
         if meta is None:
-            raise _not_found(file_id)
+            raise _no_such_file(file_id)
         return meta
 
     def open(self, project: str, file_id: str) -> tuple[FileObject, Iterator[bytes]]:
@@ -167,7 +175,7 @@ class FileService:
         try:
             return meta, self.store.get_stream(file_key(project, file_id))
         except ObjectNotFound:
-            raise _not_found(file_id) from None
+            raise _no_such_file(file_id) from None
 
     def list(
         self,
@@ -218,7 +226,7 @@ class FileService:
     def _build_index(self, project: str) -> None:
         """Index a project's files that predate the index (once; a full scan)."""
         now = time.time()
-        for key in self.store.list(f"projects/{project}/files/"):
+        for key in self.store.list(files_prefix(project)):
             if key.endswith(".json"):
                 meta = self._live(self._load(key), now)
                 if meta is not None:
@@ -227,11 +235,28 @@ class FileService:
 
     # --- deleting ------------------------------------------------------------
 
+    def discard(self, project: str, file_id: str) -> None:
+        """Remove a file that was never accepted (a refused upload): bytes and File
+        object, no deleted-record left behind. Absent parts are fine."""
+        raw = self._load(file_key(project, file_id) + ".json")
+        self.store.delete(file_key(project, file_id))
+        self.store.delete(file_key(project, file_id) + ".json")
+        if raw is not None:
+            self.index.remove(project, FileObject.model_validate(raw))
+
     def delete(self, project: str, file_id: str) -> None:
         meta = self.get(project, file_id)
+        # Bytes first: on a full disk, deleting is how space comes back.
         self.store.delete(file_key(project, file_id))
         record = meta.model_dump(mode="json") | {"deleted": True, "deleted_at": int(time.time())}
-        self.store.put_bytes(file_key(project, file_id) + ".json", orjson.dumps(record))
+        try:
+            self.store.put_bytes(file_key(project, file_id) + ".json", orjson.dumps(record))
+        except StorageError:
+            # Could not keep the audit record (disk still full?): drop the File object
+            # too, so it never points at bytes that are gone; then report the failure.
+            with contextlib.suppress(Exception):
+                self.store.delete(file_key(project, file_id) + ".json")
+            raise
         self.index.remove(project, meta)
 
     def purge(self, project: str, file_id: str, *, now: float) -> bool:
