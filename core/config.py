@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     engine: str = "auto"
     # Echo test engine only: simulated seconds per generated token (tests, benchmarks).
     echo_delay_per_token: float = 0.0
+    # Echo test engine only: its in-flight budget (vLLM's is 2 x max_num_seqs).
+    echo_max_in_flight: int = 64
     # Model catalog file (YAML or JSON); see vbatch.worker.catalog.
     model_catalog: Path | None = None
 
@@ -64,6 +66,10 @@ class Settings(BaseSettings):
     part_max_seconds: float = 2.0
     # After SIGTERM (cancel, expiry, pod eviction), how long in-flight requests may finish.
     stop_grace_seconds: float = 10.0
+    # Warm workers (single node): shards one worker process runs at once, and how long
+    # another model's work may wait before a slot drains its model to switch.
+    worker_max_shards: int = 32
+    model_switch_after_seconds: float = 60.0
 
     limits: Limits = Field(default_factory=Limits)
 

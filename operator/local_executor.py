@@ -8,7 +8,6 @@ records, and a worker started on an unfinished shard resumes from its parts.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Collection
@@ -21,7 +20,7 @@ from vbatch.core.files import FileService
 from vbatch.core.schemas import BatchRecord
 from vbatch.core.state import Action, Observation, next_action
 from vbatch.core.storage.base import ObjectStore
-from vbatch.operator.worker_pool import ShardTask, TaskResult, WorkerSlot
+from vbatch.operator.worker_pool import ShardTask, TaskResult, WorkerPool
 
 log = logging.getLogger("vbatch.executor")
 
@@ -66,11 +65,12 @@ class LocalExecutor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = threading.Event()
-        self._tasks: queue.Queue[ShardTask | None] = queue.Queue()
-        env = settings_env(settings)
-        self._slots = [
-            WorkerSlot(i, self._tasks, self._on_result, self._wanted, engine=engine, env=env) for i in range(slots)
-        ]
+        self._pool = WorkerPool(
+            slots, engine=engine, env=settings_env(settings), on_result=self._on_result,
+            max_shards_per_worker=settings.worker_max_shards,
+            switch_after_seconds=settings.model_switch_after_seconds,
+        )
+        self._slots = self._pool.slots
         self._thread = threading.Thread(target=self._loop, name="vbatch-executor", daemon=True)
 
     # --- BatchRunner hooks (called by the gateway) ---------------------------
@@ -84,21 +84,14 @@ class LocalExecutor:
     # --- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        for slot in self._slots:
-            slot.start()
+        self._pool.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
         self._wake.set()
         self._thread.join(timeout=10)
-        for _ in self._slots:
-            self._tasks.put(None)
-        for slot in self._slots:
-            if slot.current is not None:
-                slot.interrupt(slot.current.batch_id)
-        for slot in self._slots:
-            slot.join(timeout=30)
+        self._pool.close()  # SIGTERM: every worker flushes its shards; a restart resumes them
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
@@ -174,7 +167,7 @@ class LocalExecutor:
             todo = set(range(book.total)) - book.succeeded - book.failed - book.running - waiting
             book.running |= todo
         for shard in sorted(todo):
-            self._tasks.put(ShardTask(record.project, record.id, shard, record.model or ""))
+            self._pool.submit(ShardTask(record.project, record.id, shard, record.model or ""))
 
     def _refresh_counts(self, record: BatchRecord) -> None:
         updated = lifecycle.with_progress(record, lifecycle.read_progress(self.store, record))
@@ -186,10 +179,9 @@ class LocalExecutor:
         if book is not None:
             with self._lock:
                 book.stopping = True
-            for slot in self._slots:
-                slot.interrupt(record.id)
-            if any(slot.busy_with(record.id) for slot in self._slots):
-                return  # the worker is flushing; finish on a later round
+            # Aborts the batch's requests inside the engines; workers and models stay.
+            if self._pool.abort(record.id) or self._pool.busy_with(record.id):
+                return  # its shards are flushing; finish on a later round
         self._finish(record, missing_code)
 
     def _finish(self, record: BatchRecord, missing_code: str) -> None:
@@ -204,15 +196,6 @@ class LocalExecutor:
         log.info("batch %s %s: %s", record.id, done.status.value, done.request_counts.model_dump())
 
     # --- worker slot callbacks -------------------------------------------------
-
-    def _wanted(self, task: ShardTask) -> bool:
-        with self._lock:
-            book = self._books.get(task.batch_id)
-            if book is None or book.stopping:
-                if book is not None:
-                    book.running.discard(task.shard)
-                return False
-            return True
 
     def _on_result(self, result: TaskResult) -> None:
         task = result.task

@@ -8,10 +8,11 @@ was done (non-zero so that a Job retries the index, and the next attempt resumes
 configuration; 3 object storage failed or the shard is missing; 4 the engine could
 not be loaded; 1 anything unexpected.
 
-serve-stdin protocol: one JSON task per stdin line, `{"project", "batch_id",
-"shard"}`; one JSON line per task on stdout, `{"project", "batch_id", "shard",
-"finished", "completed", "failed"}` (plus `"error"` when the task could not run).
-The process exits at EOF, or after the current task when a signal stops it.
+serve-stdin protocol (vbatch.worker.serve): JSON lines; tasks `{"project",
+"batch_id", "shard"}` arrive while others run and all run at once on the one
+engine; `{"op": "abort", "batch_id"}` aborts a batch's shards; one reply line per
+task. The process exits at EOF once its shards end, or after flushing them when a
+signal stops it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from typing import Any, TextIO
 
 import orjson
 from vbatch.core.config import Settings
 from vbatch.core.errors import StorageError
 from vbatch.core.storage import ObjectNotFound, ObjectStore, open_store
+from vbatch.worker.admission import Admission
 from vbatch.worker.engines.base import Engine
+from vbatch.worker.serve import SERVE_WINDOW_MAX_BYTES, ShardServer, describe, loaded_event, stdin_lines
 from vbatch.worker.shard import run_shard
 
 log = logging.getLogger("vbatch.worker")
@@ -64,7 +67,8 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
                    help="after SIGTERM, how long in-flight requests may still finish")
     p.add_argument("--echo-delay-per-token", type=float, default=settings.echo_delay_per_token,
                    help="echo engine only: simulated seconds per generated token")
-    p.add_argument("--echo-max-in-flight", type=int, default=64, help="echo engine only")
+    p.add_argument("--echo-max-in-flight", type=int, default=settings.echo_max_in_flight,
+                   help="echo engine only: its in-flight request budget")
     return p
 
 
@@ -157,79 +161,38 @@ async def _one_shot(args: argparse.Namespace, store: ObjectStore, engine: Engine
     return EXIT_OK if result["finished"] else EXIT_STOPPED
 
 
-def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str | None]:
-    """stdin lines fed from a daemon thread: a thread blocked in readline must never
-    keep the process alive once a signal asked it to exit."""
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def pump() -> None:
-        for line in sys.stdin:
-            loop.call_soon_threadsafe(queue.put_nowait, line)
-        loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    threading.Thread(target=pump, name="stdin", daemon=True).start()
-    return queue
-
-
-def _parse_task(line: str) -> tuple[str, str, int]:
-    task = orjson.loads(line)
-    if not isinstance(task, dict):
-        raise ValueError("a task must be a JSON object")
-    project, batch_id, shard = task.get("project"), task.get("batch_id"), task.get("shard")
-    if not isinstance(project, str) or not isinstance(batch_id, str):
-        raise ValueError("a task needs string 'project' and 'batch_id'")
-    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 0:
-        raise ValueError("a task needs a non-negative integer 'shard'")
-    return project, batch_id, shard
-
-
 async def _serve(args: argparse.Namespace, store: ObjectStore, engine: Engine, out: TextIO) -> int:
     stop = asyncio.Event()
     _install_signals(stop)
+    started = time.monotonic()
     await _start_engine(engine)
-    lines = _stdin_lines(asyncio.get_running_loop())
-    stopped = asyncio.ensure_future(stop.wait())
-
-    def reply(data: dict[str, Any]) -> None:
-        out.write(orjson.dumps(data).decode() + "\n")
-        out.flush()
-
+    server = ShardServer(_shard_runner(store, engine, args), Admission(engine.max_in_flight), stop, out)
+    # The pool counts engine loads from this line (one per process start).
+    server.reply(loaded_event(engine.name, args.model, started))
+    log.info("engine %s loaded (model %s): serving shards, up to %d requests in flight",
+             engine.name, args.model, engine.max_in_flight)
     try:
-        while not stop.is_set():
-            next_line = asyncio.ensure_future(lines.get())
-            await asyncio.wait({next_line, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_line.done():
-                next_line.cancel()
-                break
-            line = next_line.result()
-            if line is None:
-                break  # EOF: the executor has no more work for us
-            if not line.strip():
-                continue
-            try:
-                project, batch_id, shard = _parse_task(line)
-            except ValueError as exc:
-                reply({"error": f"bad task: {exc}", "finished": False})
-                continue
-            try:
-                reply(await _run_task(store, engine, args, stop, project, batch_id, shard))
-            except (StorageError, ObjectNotFound) as exc:
-                # The executor sees finished=false and decides; the loaded engine
-                # stays useful for the next task.
-                log.error("shard %s of %s: %s", shard, batch_id, _describe(exc))
-                reply({"project": project, "batch_id": batch_id, "shard": shard,
-                       "finished": False, "completed": 0, "failed": 0,
-                       "error": _describe(exc)})
+        await server.serve(stdin_lines(asyncio.get_running_loop()))
     finally:
-        stopped.cancel()
         await engine.close()
     return EXIT_OK
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ObjectNotFound):
-        return f"object not found in storage: {exc.args[0] if exc.args else exc}"
-    return str(exc) or type(exc).__name__
+def _shard_runner(store: ObjectStore, engine: Engine, args: argparse.Namespace):
+    async def run(project: str, batch_id: str, shard: int, *, admission: Admission,
+                  abort: asyncio.Event, stop: asyncio.Event) -> dict[str, Any]:
+        progress = await run_shard(
+            store, engine, project=project, batch_id=batch_id, shard=shard,
+            part_max_results=args.part_max_results, part_max_seconds=args.part_max_seconds,
+            stop=stop, stop_grace_seconds=args.stop_grace_seconds, admission=admission,
+            abort=abort, window_max_bytes=SERVE_WINDOW_MAX_BYTES,
+        )
+        return {"finished": progress.finished, "completed": progress.completed, "failed": progress.failed}
+
+    return run
+
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vbatch worker: {exc}", file=sys.stderr)
         return exc.code
     except (StorageError, ObjectNotFound) as exc:
-        print(f"vbatch worker: storage: {_describe(exc)}", file=sys.stderr)
+        print(f"vbatch worker: storage: {describe(exc)}", file=sys.stderr)
         return EXIT_STORAGE
     except Exception as exc:
         log.exception("worker failed")

@@ -103,7 +103,9 @@ def test_batch_completes_with_exact_counts_and_results(node):
 
 
 def test_counts_move_while_in_progress_and_cancel_keeps_partial_results(tmp_path):
-    node = Node(tmp_path, echo_delay_per_token=0.02)
+    # The worker runs all 6 shards at once: a small in-flight budget keeps it busy long
+    # enough to cancel mid-way.
+    node = Node(tmp_path, echo_delay_per_token=0.05, echo_max_in_flight=4)
     node.executor()
     record = node.submit(60)
     deadline = time.time() + 30
