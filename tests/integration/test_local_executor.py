@@ -206,3 +206,23 @@ def test_an_input_file_deleted_before_launch_fails_the_batch_cleanly(tmp_path):
     assert done.errors.data[0].code == "input_file_not_found"
     for ex in node.running:
         ex.stop()
+
+
+def test_a_worker_killed_holding_shards_of_several_batches_completes_each_exactly_once(tmp_path):
+    node = Node(tmp_path, echo_delay_per_token=0.05, echo_max_in_flight=6)
+    ex = node.executor()
+    records = [node.submit(n, words=None) for n in (30, 20, 15)]  # 3 + 2 + 2 shards
+    slot = ex._slots[0]
+    deadline = time.time() + 30
+    while len({t.batch_id for t in list(slot.running.values())}) < 3 or slot.process is None:
+        assert time.time() < deadline, "the worker never held shards of every batch"
+        time.sleep(0.01)
+    os.kill(slot.process.pid, signal.SIGKILL)
+    for record in records:
+        done = node.wait(record.id, {BatchStatus.COMPLETED})
+        total = record.request_counts.total
+        assert done.request_counts.model_dump() == {"total": total, "completed": total, "failed": 0}
+        assert len(node.results(done)) == total
+    assert ex._pool.engine_loads == {"m": 2}
+    for e in node.running:
+        e.stop()
