@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     # another model's work may wait before a slot drains its model to switch.
     worker_max_shards: int = 32
     model_switch_after_seconds: float = 60.0
+    # Cluster pools: a pool pod leaves after this long without work (scale to zero);
+    # how often it reads its assignments and writes its heartbeat; a heartbeat older
+    # than the lease means the pod is gone and its shards are re-assigned.
+    pool_idle_seconds: float = 300.0
+    pool_poll_seconds: float = 2.0
+    pool_lease_seconds: float = 60.0
+    # A pool grows (up to the model's max_replicas) once every member holds this many shards.
+    pool_target_shards: int = 4
 
     limits: Limits = Field(default_factory=Limits)
 

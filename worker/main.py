@@ -43,12 +43,10 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STORAGE, EXIT_ENGINE = 0, 1, 2, 3, 4
 # index, or its unfinished requests would end up as shard_failed lines.
 EXIT_STOPPED = 75
 
-
 class Fatal(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
 
 def _parser(settings: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vbatch worker", description=__doc__.split("\n\n")[0])
@@ -61,6 +59,12 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
                    help="'auto' = vllm when installed; 'echo' is a test engine, never inference")
     p.add_argument("--serve-stdin", action="store_true",
                    help="long-lived: read shard tasks as JSON lines on stdin")
+    p.add_argument("--pool", help="cluster pool mode: the pool (model) whose shards this pod runs")
+    p.add_argument("--member", help="cluster pool mode: this pod's member name (its Job's name)")
+    p.add_argument("--idle-seconds", type=float, default=settings.pool_idle_seconds,
+                   help="pool mode: leave the pool after this long without work")
+    p.add_argument("--poll-seconds", type=float, default=settings.pool_poll_seconds,
+                   help="pool mode: how often assignments are read and the heartbeat written")
     p.add_argument("--part-max-results", type=int, default=settings.part_max_results)
     p.add_argument("--part-max-seconds", type=float, default=settings.part_max_seconds)
     p.add_argument("--stop-grace-seconds", type=float, default=settings.stop_grace_seconds,
@@ -71,11 +75,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
                    help="echo engine only: its in-flight request budget")
     return p
 
-
 def _env_shard() -> int | None:
     value = os.environ.get("JOB_COMPLETION_INDEX")
     return int(value) if value and value.isdigit() else None
-
 
 def _make_engine(args: argparse.Namespace, settings: Settings) -> Engine:
     choice = args.engine
@@ -112,7 +114,6 @@ def _make_engine(args: argparse.Namespace, settings: Settings) -> Engine:
             raise Fatal(f"model {spec.id}: cannot copy {spec.path}: {exc}", EXIT_STORAGE) from exc
     return VllmEngine(spec)
 
-
 def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
 
@@ -124,14 +125,12 @@ def _install_signals(stop: asyncio.Event) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-
 async def _start_engine(engine: Engine) -> None:
     try:
         await engine.start()
     except Exception as exc:
         raise Fatal(f"engine {engine.name!r} failed to load: {type(exc).__name__}: {exc}",
                     EXIT_ENGINE) from exc
-
 
 async def _run_task(store: ObjectStore, engine: Engine, args: argparse.Namespace,
                     stop: asyncio.Event, project: str, batch_id: str, shard: int) -> dict[str, Any]:
@@ -148,7 +147,6 @@ async def _run_task(store: ObjectStore, engine: Engine, args: argparse.Namespace
             "finished": progress.finished, "completed": progress.completed,
             "failed": progress.failed}
 
-
 async def _one_shot(args: argparse.Namespace, store: ObjectStore, engine: Engine) -> int:
     stop = asyncio.Event()
     _install_signals(stop)
@@ -159,7 +157,6 @@ async def _one_shot(args: argparse.Namespace, store: ObjectStore, engine: Engine
         await engine.close()
     log.info("shard result: %s", result)
     return EXIT_OK if result["finished"] else EXIT_STOPPED
-
 
 async def _serve(args: argparse.Namespace, store: ObjectStore, engine: Engine, out: TextIO) -> int:
     stop = asyncio.Event()
@@ -177,7 +174,6 @@ async def _serve(args: argparse.Namespace, store: ObjectStore, engine: Engine, o
         await engine.close()
     return EXIT_OK
 
-
 def _shard_runner(store: ObjectStore, engine: Engine, args: argparse.Namespace):
     async def run(project: str, batch_id: str, shard: int, *, admission: Admission,
                   abort: asyncio.Event, stop: asyncio.Event) -> dict[str, Any]:
@@ -191,9 +187,21 @@ def _shard_runner(store: ObjectStore, engine: Engine, args: argparse.Namespace):
 
     return run
 
+async def _pool(args: argparse.Namespace, store: ObjectStore, engine: Engine) -> int:
+    from vbatch.worker.pool_member import PoolMember
 
-
-
+    stop = asyncio.Event()
+    _install_signals(stop)
+    await _start_engine(engine)
+    log.info("engine %s loaded (model %s): member %s of pool %s", engine.name, args.model, args.member, args.pool)
+    member = PoolMember(store, _shard_runner(store, engine, args), Admission(engine.max_in_flight),
+                        pool=args.pool, member=args.member, stop=stop,
+                        poll_seconds=args.poll_seconds, idle_seconds=args.idle_seconds)
+    try:
+        await member.serve()
+    finally:
+        await engine.close()
+    return EXIT_OK
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -205,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     parser = _parser(settings)
     args = parser.parse_args(argv)
-    if not args.serve_stdin:
+    if args.pool or args.member:
+        if not (args.pool and args.member):
+            parser.error("pool mode needs both --pool and --member")
+    elif not args.serve_stdin:
         missing = [n for n in ("project", "batch_id") if not getattr(args, n)]
         if args.shard is None:
             missing.append("shard (or $JOB_COMPLETION_INDEX)")
@@ -226,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = _make_engine(args, settings)
         if args.serve_stdin:
             return asyncio.run(_serve(args, store, engine, out))
+        if args.pool:
+            return asyncio.run(_pool(args, store, engine))
         return asyncio.run(_one_shot(args, store, engine))
     except Fatal as exc:
         print(f"vbatch worker: {exc}", file=sys.stderr)
@@ -237,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("worker failed")
         print(f"vbatch worker: unexpected failure: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-
 
 if __name__ == "__main__":
     sys.exit(main())
