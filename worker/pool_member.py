@@ -105,7 +105,9 @@ class PoolMember:
         while not self.stop.is_set():
             assignments = await asyncio.to_thread(self._read_assignments)
             self._apply(assignments)
-            if self.runs or assignments.shards:
+            # Shards already reported on do not keep it busy: the operator may simply
+            # not have taken the report in yet.
+            if self.runs or any(ref.key not in self.done for ref in assignments.shards):
                 idle_since = loop.time()
             elif loop.time() - idle_since >= self.idle_seconds:
                 self.exiting = True
@@ -114,7 +116,8 @@ class PoolMember:
             if self.exiting:
                 # One last look: an assignment made just before our heartbeat said
                 # "exiting" would otherwise wait for the operator to notice we left.
-                if not (await asyncio.to_thread(self._read_assignments)).shards:
+                last = await asyncio.to_thread(self._read_assignments)
+                if all(ref.key in self.done for ref in last.shards):
                     break
                 self.exiting = False
                 continue
