@@ -223,6 +223,6 @@ def test_a_worker_killed_holding_shards_of_several_batches_completes_each_exactl
         total = record.request_counts.total
         assert done.request_counts.model_dump() == {"total": total, "completed": total, "failed": 0}
         assert len(node.results(done)) == total
-    assert ex._pool.engine_loads == {"m": 2}
+    assert ex.runtime.workers.engine_loads == {"m": 2}
     for e in node.running:
         e.stop()

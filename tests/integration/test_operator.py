@@ -139,7 +139,7 @@ def test_input_deleted_before_launch_fails_the_batch(cluster_env: ClusterEnv):
 
 def test_a_shard_failing_once_is_retried(cluster_env: ClusterEnv):
     env = cluster_env
-    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_WORKER_BACKOFF_LIMIT_PER_INDEX=2)
+    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_SHARD_MAX_ATTEMPTS=3)
     file_id = upload(env, requests(8))
     with env.operator(), env.job_runner(fail=fail_once(1)) as runner:
         batch_id = apply_batch(env, file_id)
@@ -153,7 +153,7 @@ def test_a_shard_failing_once_is_retried(cluster_env: ClusterEnv):
 
 def test_a_shard_failing_past_its_budget_gets_error_lines(cluster_env: ClusterEnv):
     env = cluster_env
-    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_WORKER_BACKOFF_LIMIT_PER_INDEX=1)
+    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_SHARD_MAX_ATTEMPTS=2)
     file_id = upload(env, requests(8))
     with env.operator(), env.job_runner(fail=fail_always(0)) as runner:
         batch_id = apply_batch(env, file_id)
@@ -172,7 +172,7 @@ def test_a_shard_failing_past_its_budget_gets_error_lines(cluster_env: ClusterEn
 
 def test_every_shard_failing_fails_the_batch(cluster_env: ClusterEnv):
     env = cluster_env
-    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_WORKER_BACKOFF_LIMIT_PER_INDEX=0)
+    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_SHARD_MAX_ATTEMPTS=1)
     file_id = upload(env, requests(8))
     with env.operator(), env.job_runner(fail=fail_always(0, 1)):
         batch_id = apply_batch(env, file_id)
