@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # another model's work may wait before a slot drains its model to switch.
     worker_max_shards: int = 32
     model_switch_after_seconds: float = 60.0
+    # Cluster mode: "pools" = warm per-model pools of worker pods shared by every batch;
+    # "jobs" = one Indexed Job per batch (a pod per shard, the model loaded per batch).
+    cluster_runtime: Literal["pools", "jobs"] = "pools"
     # Cluster pools: a pool pod leaves after this long without work (scale to zero);
     # how often it reads its assignments and writes its heartbeat; a heartbeat older
     # than the lease means the pod is gone and its shards are re-assigned.

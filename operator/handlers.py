@@ -56,10 +56,32 @@ def build_driver(settings: Settings | None = None, events: BatchEvents | None = 
         store=store,
         files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds),
         batches=KubeBatches(kube, settings),
-        runtime=KubeRuntime(kube=kube, store=store, settings=settings, worker=load_worker_config(), model_gpus=gpus),
+        runtime=_runtime(settings, kube, store, gpus),
         served_models=served,
         events=events,
     )
+
+
+def _runtime(settings: Settings, kube: Kube, store: Any, gpus: dict[str, int]) -> Any:
+    worker = load_worker_config()
+    if settings.cluster_runtime == "jobs":
+        return KubeRuntime(kube=kube, store=store, settings=settings, worker=worker, model_gpus=gpus)
+    from vbatch.operator.pool_runtime import PoolRuntime
+
+    return PoolRuntime(kube=kube, store=store, settings=settings, worker=worker,
+                       max_replicas=_max_replicas(settings), model_gpus=gpus)
+
+
+def _max_replicas(settings: Settings):
+    """Pool size per model: the catalog's max_replicas (1 for a model it does not list)."""
+    try:
+        from vbatch.worker.catalog import load_catalog
+
+        catalog = load_catalog(settings.model_catalog, settings.data_dir)
+        sizes = {m.id: m.max_replicas for m in catalog.models}
+    except Exception:  # the echo test engine may run without a catalog
+        sizes = {}
+    return lambda model: sizes.get(model, 1)
 
 
 def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:

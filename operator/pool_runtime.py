@@ -95,7 +95,7 @@ class PoolRuntime:
         self.worker = worker
         self.max_replicas = max_replicas
         self.model_gpus = model_gpus or {}
-        self.max_attempts = worker.backoff_limit_per_index + 1
+        self.max_attempts = settings.shard_max_attempts
         self.members: dict[str, dict[str, Member]] = {}  # pool -> name -> member
         self.waiting: dict[str, FairQueue[ShardRef]] = {}
         self.models: dict[str, str] = {}  # pool -> model id
