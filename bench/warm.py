@@ -76,10 +76,11 @@ def _one_big(client: httpx.Client, big_id: str) -> tuple[int, float]:
 def _cancel_one(client: httpx.Client, file_id: str) -> None:
     batch = _create(client, file_id)
     deadline = time.monotonic() + 600
-    while client.get(f"/v1/batches/{batch['id']}").json()["request_counts"]["completed"] == 0:
+    while client.get(f"/v1/batches/{batch['id']}").json()["status"] != "in_progress":
         if time.monotonic() > deadline:
-            raise TimeoutError("the batch to cancel never made progress")
+            raise TimeoutError("the batch to cancel never started")
         time.sleep(0.05)
+    time.sleep(2.0)  # its requests are in the engine now: the cancel must abort them
     client.post(f"/v1/batches/{batch['id']}/cancel").raise_for_status()
     (cancelled,) = _wait_all(client, [batch["id"]])
     if cancelled["status"] != "cancelled":
