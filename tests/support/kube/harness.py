@@ -55,6 +55,9 @@ class ClusterEnv:
             "VBATCH_WORKER_GPUS": "0",
             "VBATCH_WORKER_ENV": json.dumps(storage_env | {k: str(v) for k, v in env.pop("worker_env", {}).items()}),
             "VBATCH_PART_MAX_SECONDS": "0.2",
+            # The suites written for one Indexed Job per batch pin that runtime; pool
+            # tests pass VBATCH_CLUSTER_RUNTIME="pools" (the product default).
+            "VBATCH_CLUSTER_RUNTIME": "jobs",
         }
         if window_seconds is not None:
             values["VBATCH_LIMITS"] = json.dumps({"completion_windows": {"24h": window_seconds}})
