@@ -53,6 +53,11 @@ from vbatch.core.storage.base import ObjectNotFound, ObjectStore
 from vbatch.operator import pool_builders
 from vbatch.operator.config import WorkerPodConfig
 
+try:  # vbatch_engine_loads_total (core/metrics.py, helper "ops")
+    from vbatch.core import metrics
+except ImportError:  # pragma: no cover - until that module lands
+    metrics = None  # type: ignore[assignment]
+
 log = logging.getLogger("vbatch.operator.pool")
 
 REFRESH_SECONDS = 0.5  # at most this often per pool: read member Jobs and heartbeats
@@ -314,6 +319,8 @@ class PoolRuntime:
             idle_seconds=self.settings.pool_idle_seconds, poll_seconds=self.settings.pool_poll_seconds))
         self.members[pool][name] = member
         self.engine_loads[model] = self.engine_loads.get(model, 0) + 1
+        if metrics is not None:
+            metrics.engine_loaded(model)  # each member loads the model once
         log.info("pool %s grows: member %s (engine load #%d of model %s)", pool, name,
                  self.engine_loads[model], model)
         return member

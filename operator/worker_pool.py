@@ -43,6 +43,11 @@ from dataclasses import dataclass, field
 import orjson
 from vbatch.core.fair import FairQueue
 
+try:  # vbatch_engine_loads_total / vbatch_shard_attempts_total (core/metrics.py, helper "ops")
+    from vbatch.core import metrics
+except ImportError:  # pragma: no cover - until that module lands
+    metrics = None  # type: ignore[assignment]
+
 log = logging.getLogger("vbatch.executor")
 
 PR_SET_PDEATHSIG = 1
@@ -243,6 +248,8 @@ class WorkerPool:
                                    env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
         slot.process = process
         self.engine_loads[model] = self.engine_loads.get(model, 0) + 1
+        if metrics is not None:
+            metrics.engine_loaded(model)
         log.info("engine load #%d of model %s on %s (pid %d)", self.engine_loads[model], model, slot.name, process.pid)
         threading.Thread(target=self._read, args=(slot, process), name=f"vbatch-{slot.name}-replies",
                          daemon=True).start()
@@ -292,8 +299,10 @@ class WorkerPool:
                 continue
             if reply.get("error"):
                 log.warning("shard %s/%d: %s", task.batch_id, task.shard, reply["error"])
-            self.on_result(TaskResult(task, finished=bool(reply.get("finished")), crashed=False,
-                                      aborted=bool(reply.get("aborted"))))
+            result = TaskResult(task, finished=bool(reply.get("finished")), crashed=False,
+                                aborted=bool(reply.get("aborted")))
+            self._count(result)
+            self.on_result(result)
         process.wait()
         with self._lock:
             lost = [t for k, t in slot.running.items() if slot.sent_to.get(k) == process.pid]
@@ -309,4 +318,12 @@ class WorkerPool:
             log.warning("%s: worker (pid %d) exited with %s holding %d shard(s); they resume elsewhere",
                         slot.name, process.pid, process.returncode, len(lost))
         for task in lost:
-            self.on_result(TaskResult(task, finished=False, crashed=True, aborted=task.batch_id in aborting))
+            result = TaskResult(task, finished=False, crashed=True, aborted=task.batch_id in aborting)
+            self._count(result)
+            self.on_result(result)
+
+    def _count(self, result: TaskResult) -> None:
+        if metrics is not None:
+            stopped = result.aborted or self._closed  # cancel/expiry, or shutdown
+            outcome = "succeeded" if result.finished else "stopped" if stopped else "failed"
+            metrics.shard_attempt(result.task.model, outcome)
