@@ -88,9 +88,10 @@ class Settings(BaseSettings):
     # A failing driver step (storage down, a bug) is retried with exponential backoff
     # and jitter from step_retry_base_seconds up to step_retry_max_seconds; transient
     # failures end the batch after step_max_attempts tries or step_max_seconds since the
-    # first failure, whichever comes first; permanent ones (input gone, unreadable data,
-    # a bug) end it at once.
+    # first failure, whichever comes first; permanent ones (unreadable data, a bug) after
+    # step_permanent_attempts tries (a read cut short can look like bad data once).
     step_max_attempts: int = Field(default=20, ge=1)
+    step_permanent_attempts: int = Field(default=3, ge=1)
     step_max_seconds: float = Field(default=1800.0, ge=0)
     step_retry_base_seconds: float = Field(default=1.0, ge=0)
     step_retry_max_seconds: float = Field(default=300.0, ge=0)

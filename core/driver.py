@@ -124,8 +124,10 @@ class Driver:
         now = self.clock()
         if record.status.is_terminal:
             return self._clean_up(record, now) if record.cleanup_pending else False
-        if record.step_failure is not None and now < record.step_failure.retry_at:
-            return False  # backing off after a failed step
+        failure = record.step_failure
+        cancelling = record.status == BatchStatus.CANCELLING or record.cancel_requested
+        if failure is not None and now < failure.retry_at and not (cancelling and failure.action != Action.CANCEL):
+            return False  # backing off after a failed step (a new cancel is tried at once)
         step = _Round(record)
         try:
             seen = self.runtime.observe(record) if record.shard_count is not None else ShardsSeen()
@@ -220,7 +222,8 @@ class Driver:
     # --- failures --------------------------------------------------------------------
 
     def _backoff(self, attempts: int) -> float:
-        """Exponential, capped, with full jitter (half fixed, so retries never bunch at 0)."""
+        """Exponential, capped, with "equal" jitter: half fixed, half random, so peers that
+        failed together spread out but never retry at once."""
         base = self.settings.step_retry_base_seconds * 2 ** (attempts - 1)
         capped = min(base, self.settings.step_retry_max_seconds)
         return capped * (0.5 + 0.5 * self.jitter())
@@ -234,11 +237,12 @@ class Driver:
         failure = StepFailure(action=step.action, kind=error.kind, code=error.code, message=error.message[:1000],
                               attempts=attempts, first_at=first_at, last_at=now, retry_at=now + self._backoff(attempts))
         settings = self.settings
-        spent = (not error.transient or attempts >= settings.step_max_attempts
-                 or now - first_at >= settings.step_max_seconds)
+        budget = settings.step_max_attempts if error.transient else min(settings.step_permanent_attempts,
+                                                                         settings.step_max_attempts)
+        spent = attempts >= budget or now - first_at >= settings.step_max_seconds
         log_error = log.error if spent else log.warning
         log_error("batch %s: %s failed (%s %s, attempt %d of %d): %s%s", record.id, step.action, error.kind,
-                  error.code, attempts, settings.step_max_attempts, error.message,
+                  error.code, attempts, budget, error.message,
                   "; ending the batch" if spent else f"; retrying in {failure.retry_at - now:.1f} s",
                   exc_info=error.code == "internal_error")
         failing = record.model_copy(update={"step_failure": failure})

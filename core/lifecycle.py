@@ -10,6 +10,7 @@ id, so a finalize interrupted by a crash overwrites its own earlier attempt.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Collection, Iterator
 
@@ -33,6 +34,8 @@ from vbatch.core.schemas import (
 from vbatch.core.sharding import normalized_lines, shard_count_for, write_shards
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore
 from vbatch.core.validation import validate_jsonl
+
+log = logging.getLogger("vbatch.driver")
 
 
 def result_file_id(batch_id: str, kind: str) -> str:
@@ -94,12 +97,18 @@ def launch(store: ObjectStore, files: FileService, record: BatchRecord, settings
 
 
 def read_progress(store: ObjectStore, record: BatchRecord) -> list[ShardProgress | None]:
+    """Each shard's progress record, None where there is none yet, or it cannot be read:
+    progress is advisory (the parts are the truth, and the worker rewrites it whole after
+    every part), so an unreadable one never stops a batch."""
     progress: list[ShardProgress | None] = []
     for shard in range(record.shard_count or 0):
         try:
             raw = store.get_bytes(progress_key(record.project, record.id, shard))
             progress.append(ShardProgress.model_validate(orjson.loads(raw)))
         except ObjectNotFound:
+            progress.append(None)
+        except ValueError as exc:
+            log.warning("batch %s: progress of shard %d unreadable (%s); counted as not finished", record.id, shard, exc)
             progress.append(None)
     return progress
 

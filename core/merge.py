@@ -24,7 +24,8 @@ from vbatch.core.ids import new_batch_request_id
 from vbatch.core.layout import results_prefix, shard_key
 from vbatch.core.schemas import BatchUsage, RequestCounts
 from vbatch.core.sharding import normalized_lines
-from vbatch.core.storage.base import ObjectNotFound, ObjectStore, iter_lines
+from vbatch.core.errors import StorageError
+from vbatch.core.storage.base import ObjectNotFound, ObjectStore
 
 MISSING_MESSAGES = {
     "batch_cancelled": "The batch was cancelled before this request ran.",
@@ -84,8 +85,15 @@ def _part_results(
     A part is read whole before any of it is used (parts are small: part_max_results)."""
     for key in store.list(results_prefix(project, batch_id, shard)):
         try:
-            results = [(line, _result(line)) for line in iter_lines(store.get_stream(key)) if line.strip()]
-        except (ValueError, ObjectNotFound):  # not JSON/UTF-8, not a result, vanished
+            data = store.get_bytes(key)
+        except ObjectNotFound:  # vanished between listing and reading
+            unreadable.append(key)
+            continue
+        try:
+            results = [(line, _result(line)) for line in data.split(b"\n") if line.strip()]
+        except ValueError:  # not JSON/UTF-8, not a result
+            if len(data) != store.size(key):  # a read cut short (storage trouble): try again later
+                raise StorageError(f"Object storage returned part of {key!r}; retrying.") from None
             unreadable.append(key)
             continue
         yield from results

@@ -120,7 +120,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 def _step(name: str, spec: Any, memo: kopf.Memo) -> None:
     try:
-        memo.driver.drive(spec["project"], batch_id_from_object_name(name))
+        memo.driver.drive(spec.get("project", ""), batch_id_from_object_name(name))
     except Exception:
         # The driver records failing steps on the batch; this guards reading it (API
         # down). Never let kopf schedule its own (minute-long) retry: the next tick retries.

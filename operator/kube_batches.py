@@ -69,6 +69,7 @@ class KubeBatches:
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
         self.settings = settings
+        self._without_model: set[str] = set()  # Batches read whose spec has no model yet
 
     def get(self, project: str, batch_id: str) -> BatchRecord | None:
         obj = self.kube.get_batch(batch_object_name(batch_id))
@@ -79,6 +80,11 @@ class KubeBatches:
 
     def record_of(self, obj: dict[str, Any]) -> BatchRecord:
         record = builders.batch_record_from_resource(obj)
+        name = obj["metadata"]["name"]
+        if (obj.get("spec") or {}).get("model"):
+            self._without_model.discard(name)
+        else:
+            self._without_model.add(name)
         status = obj.get("status") or {}
         record.cleanup_pending = bool(status.get("jobName"))
         record.step_failure = _failure_from(status.get("stepFailure"))
@@ -97,7 +103,7 @@ class KubeBatches:
     def save(self, record: BatchRecord) -> None:
         name = batch_object_name(record.id)
         revision = record.revision
-        if record.model:
+        if record.model and name in self._without_model:
             revision = self._learn_model(name, record)
         status = builders.build_batch_status(record)
         status["jobName"] = builders.job_name(name) if record.cleanup_pending else None  # null deletes
@@ -115,6 +121,7 @@ class KubeBatches:
         if (obj.get("spec") or {}).get("model"):
             return record.revision
         patched = self.kube.patch_batch_spec(name, {"model": record.model})
+        self._without_model.discard(name)
         if patched.get("status") != obj.get("status"):
             raise StaleRecord(name)  # status moved meanwhile: decide again
         return patched["metadata"]["resourceVersion"]
@@ -135,7 +142,7 @@ class KubeAnnouncer:
         if failure is not None and (before is None or before.step_failure != failure):
             spent = after.status.is_terminal
             message = (f"{failure.action} failed (attempt {failure.attempts}, {failure.kind} {failure.code}): "
-                       f"{failure.message}" + ("" if spent else f"; retrying in {max(0.0, failure.retry_at - failure.last_at):.0f} s"))
+                       f"{failure.message}" + ("" if spent else f"; retrying in {max(0.0, failure.retry_at - failure.last_at):.1f} s"))
             self._post(after, "StepFailed", message, "Warning")
         if before is not None and before.status == after.status:
             return

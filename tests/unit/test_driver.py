@@ -195,3 +195,29 @@ def test_a_corrupt_result_part_is_skipped_and_counted_not_looped_on(world):
     lost = {c for c, code in codes.items() if code == "result_unreadable"}
     assert len(lost) == 4 and all(code is None for c, code in codes.items() if c not in lost)
     assert any(e.code == "result_unreadable" and "1 result part" in e.message for e in done.errors.data)
+
+
+# --- the SQLite store keeps the clean-up marker -----------------------------------------
+
+
+def test_sqlite_lists_finished_batches_whose_clean_up_is_pending(tmp_path):
+    import sqlite3
+
+    from vbatch.core.sqlite_store import SqliteBatchStore
+
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)  # a store written before the marker existed
+    old.executescript("CREATE TABLE batches (id TEXT PRIMARY KEY, project TEXT NOT NULL, status TEXT NOT NULL,"
+                      " revision INTEGER NOT NULL, data TEXT NOT NULL);")
+    old.close()
+    store = SqliteBatchStore(path)
+    world = World(tmp_path / "w")
+    record = world.submit(2)
+    store.create(record)
+    ended = state.transition(state.transition(record, S.FINALIZING, 1), S.COMPLETED, 2)
+    ended.cleanup_pending = True
+    store.save(ended)
+    assert [r.id for r in store.unfinished()] == [record.id]
+    ended.cleanup_pending = False
+    store.save(ended)
+    assert list(store.unfinished()) == []

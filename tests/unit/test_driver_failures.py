@@ -97,6 +97,17 @@ def test_a_step_that_always_fails_ends_the_batch_within_the_budget(world, status
     assert world.settle(record).cleanup_pending is False
 
 
+def test_a_cancel_does_not_wait_for_the_backoff_of_a_failing_step(world):
+    record = world.drive(world.submit(8))
+    world.runtime.answer(record, [0])
+    world.runtime.raise_in["run"] = TimeoutError("slow")
+    assert world.drive(record).step_failure.attempts == 1
+    world.cancel(record)
+    done = world.drive(record)  # no clock advance: still inside the backoff
+    assert done.status == S.CANCELLED and done.step_failure is None
+    assert {v for v in world.codes(done).values() if v} == {"batch_cancelled"}
+
+
 def _raise(exc):
     def fail(*args, **kwargs):
         raise exc
@@ -115,12 +126,15 @@ def test_the_budget_in_seconds_ends_a_slowly_failing_step(tmp_path):
     assert done.status == S.FAILED and done.step_failure.attempts == 3
 
 
-def test_a_bug_ends_the_batch_at_once_naming_it(world):
+def test_a_bug_ends_the_batch_after_the_permanent_budget_naming_it(world):
     record = world.drive(world.submit(8))
     world.runtime.answer(record, [0])
     world.runtime.raise_in["run"] = RuntimeError("unexpected None")
+    for attempt in (1, 2):
+        assert world.drive(record).step_failure.attempts == attempt
+        world.clock.advance(61)
     done = world.drive(record)
-    assert done.status == S.FAILED and done.step_failure.kind == "permanent" and done.step_failure.attempts == 1
+    assert done.status == S.FAILED and done.step_failure.kind == "permanent" and done.step_failure.attempts == 3
     assert done.errors.data[0].code == "internal_error" and "unexpected None" in done.errors.data[0].message
     codes = world.codes(done)
     assert sum(v is None for v in codes.values()) == 4 and {v for v in codes.values() if v} == {"internal_error"}
@@ -130,7 +144,7 @@ def test_when_even_the_merge_fails_the_batch_still_ends(world):
     record = world.drive(world.submit(4))
     world.runtime.raise_in["observe"] = RuntimeError("bug in observe")
     world.files.create = _raise(StorageError("disk full"))
-    done = world.drive(record)
+    done = world.settle(record)
     assert done.status == S.FAILED and done.output_file_id is None and done.error_file_id is None
     assert [e.code for e in done.errors.data] == ["internal_error", "storage_unavailable"]
 
