@@ -71,6 +71,9 @@ class Member:
     assignments: Assignments
     beat: Heartbeat | None = None
     ended: bool = False
+    # When (operator's monotonic clock) the heartbeat last changed: the lease is judged
+    # on this clock alone, so skew between the pod's and the operator's clocks is harmless.
+    beat_changed: float = 0.0
 
     def refs_of(self, batch_id: str) -> list[ShardRef]:
         return [r for r in self.assignments.shards if r.batch_id == batch_id]
@@ -225,10 +228,13 @@ class PoolRuntime:
         for member in list(self.members[pool].values()):
             job = self.kube.get_job(member.name)
             ended, failed = pool_builders.job_ended(job)
-            member.beat = self._read_beat(member)
-            if not ended and member.beat is not None and time.time() - member.beat.at > self.settings.pool_lease_seconds:
-                log.warning("pool member %s: heartbeat %.0fs old; its shards move", member.name,
-                            time.time() - member.beat.at)
+            beat = self._read_beat(member)
+            if beat is not None and (member.beat is None or beat.at != member.beat.at):
+                member.beat_changed = now
+            member.beat = beat
+            silent = now - member.beat_changed
+            if not ended and beat is not None and not beat.exiting and silent > self.settings.pool_lease_seconds:
+                log.warning("pool member %s: no heartbeat for %.0fs; its shards move", member.name, silent)
                 self.kube.delete_job(member.name)  # fence it: a hung pod must not keep writing
                 ended, failed = True, True
             self._take_reports(member, ended, failed)

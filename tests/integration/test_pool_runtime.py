@@ -4,6 +4,8 @@ at the end), the job runner playing the Job controller with real worker processe
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,13 +29,14 @@ MODEL = "demo-model"
 
 class PoolEnv:
     def __init__(self, cluster: KubeCluster, tmp: Path, monkeypatch, *, max_replicas: int = 2,
-                 idle: float = 30.0, delay: float = 0.01) -> None:
+                 idle: float = 30.0, delay: float = 0.01, lease: float = 60.0) -> None:
         monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
         data = tmp / "data"
         worker_env = {"VBATCH_DATA_DIR": str(data), "VBATCH_STORAGE": "local", "VBATCH_ENGINE": "echo",
                       "VBATCH_ECHO_DELAY_PER_TOKEN": str(delay), "VBATCH_ECHO_MAX_IN_FLIGHT": "8",
                       "VBATCH_PART_MAX_RESULTS": "5", "VBATCH_PART_MAX_SECONDS": "0.2"}
         self.settings = Settings(data_dir=data, engine="echo", pool_idle_seconds=idle, pool_poll_seconds=0.2,
+                                 pool_lease_seconds=lease,
                                  pool_target_shards=4)
         self.store = LocalObjectStore(self.settings.storage_dir)
         self.cluster = cluster
@@ -173,3 +176,26 @@ def test_cancelling_one_batch_stops_only_its_shards_on_the_shared_pod(pool_env, 
     events = [e for e in kube_cluster.list("v1", "Event") if e["involvedObject"]["name"] == batch_object_name(kept.id)]
     (member,) = env.runtime.members[next(iter(env.runtime.members))]
     assert any(e["reason"] == "Assigned" and member in e["message"] for e in events)
+
+
+@pytest.mark.timeout(180)
+def test_a_hung_pool_pod_loses_its_lease_and_another_resumes_its_shard(pool_env):
+    env = pool_env(max_replicas=1, delay=0.03, lease=2.0)
+    record = env.batch(120)
+    deadline = time.monotonic() + 60
+    while not list(env.store.list(layout.results_prefix(record.project, record.id, 0))):
+        assert time.monotonic() < deadline, "no part written"
+        env.runtime.run(record)
+        time.sleep(0.1)
+    (hung,) = list(env.runner.procs)
+    os.kill(env.runner.procs[hung].pid, signal.SIGSTOP)  # alive, but silent: no heartbeat
+    try:
+        env.drive([record], lambda: env.done(record))
+        assert env.results(record) == Counter(f"{record.id}-0-{i}" for i in range(120))
+        # Its Job was deleted (fenced) and a new member took the shard over.
+        assert len(env.runner.procs) == 2
+        jobs = {j["metadata"]["name"] for j in env.cluster.list("batch/v1", "Job")
+                if not j["metadata"].get("deletionTimestamp")}
+        assert hung.rsplit("-", 2)[0] not in jobs
+    finally:
+        os.kill(env.runner.procs[hung].pid, signal.SIGKILL)
