@@ -139,7 +139,7 @@ class Driver:
         except Exception as exc:
             self._failed(step, exc, now)
             return False
-        if step.record.step_failure is not None and not step.record.status.is_terminal:
+        if step.record.step_failure is not None:  # the step went through this time
             log.info("batch %s: %s succeeded after %d failed attempt(s)", record.id, step.action,
                      step.record.step_failure.attempts)
             self._save(step, step.record.model_copy(update={"step_failure": None}))

@@ -4,9 +4,9 @@ that turns saves into what `kubectl describe batch` shows (Events, conditions).
 The store reads a Batch (skipping ones being deleted: kopf's delete handler owns
 those), fills in what a Batch applied with kubectl lacks (times, a learnt model), and
 writes status with a compare-and-swap. On top of the record mapping of `builders` it
-maps the driver's two markers: `cleanup_pending` <-> status.jobName (present while the
-Job and working data may exist; the kopf timer keeps looking at finished batches that
-have it) and `step_failure` <-> status.stepFailure plus a `StepFailed` condition.
+writes the driver's clean-up marker as status.jobName (present while the Job and working
+data may exist; the kopf timer keeps looking at finished batches that have it) and adds
+a `StepFailed` condition while `status.stepFailure` is set (both mapped by the model).
 """
 
 from __future__ import annotations
@@ -36,23 +36,6 @@ PHASE_REASONS = {
     BatchStatus.CANCELLING: "Cancelling",
     BatchStatus.CANCELLED: "Cancelled",
 }
-_FAILURE_KEYS = (("first_at", "firstAt"), ("last_at", "lastAt"), ("retry_at", "retryAt"))
-
-
-def _failure_status(failure: StepFailure | None) -> dict[str, Any] | None:
-    if failure is None:
-        return None
-    status = failure.model_dump(include={"action", "kind", "code", "message", "attempts"})
-    status.update({key: getattr(failure, field) for field, key in _FAILURE_KEYS})
-    return status
-
-
-def _failure_from(status: dict[str, Any] | None) -> StepFailure | None:
-    if not status:
-        return None
-    fields = {k: status[k] for k in ("action", "kind", "code", "message", "attempts") if k in status}
-    fields.update({field: status[key] for field, key in _FAILURE_KEYS if key in status})
-    return StepFailure(**({"kind": "transient"} | fields))
 
 
 def step_failed_condition(failure: StepFailure) -> dict[str, Any]:
@@ -85,10 +68,6 @@ class KubeBatches:
             self._without_model.discard(name)
         else:
             self._without_model.add(name)
-        status = obj.get("status") or {}
-        record.cleanup_pending = bool(status.get("jobName"))
-        record.step_failure = _failure_from(status.get("stepFailure"))
-        record.requested_shards = (obj.get("spec") or {}).get("shards")
         if record.status == BatchStatus.VALIDATING and not record.created_at:
             # Applied directly (kubectl): no gateway stamped the times, so the CR's own
             # creation time starts the completion window.
@@ -107,7 +86,7 @@ class KubeBatches:
             revision = self._learn_model(name, record)
         status = builders.build_batch_status(record)
         status["jobName"] = builders.job_name(name) if record.cleanup_pending else None  # null deletes
-        status["stepFailure"] = _failure_status(record.step_failure)
+        status.setdefault("stepFailure", None)  # null deletes a failure that passed
         if record.step_failure is not None:
             status["conditions"] = [*status.get("conditions", []), step_failed_condition(record.step_failure)]
         written = self.kube.patch_batch_status(name, revision, status)
