@@ -200,6 +200,14 @@ class WorkerPool:
                           key=lambda m: -waited[m])
         for slot in self.slots:
             slot.draining = False
+            if slot.model is None and not slot.running:
+                # A slot never loaded yet takes a waiting model at once, preferring one no
+                # slot holds: at start-up every GPU gets work instead of one taking it all.
+                candidates = [m for m, q in self._pending.items() if q]
+                if candidates:
+                    held = {s.model for s in self.slots}
+                    unheld = [m for m in candidates if m not in held]
+                    slot.model = (unheld or sorted(candidates, key=lambda m: -len(self._pending[m])))[0]
         for _ in starving:  # one slot per starving model stops taking its own model's shards
             candidates = [s for s in self.slots if not s.draining]
             if candidates:

@@ -192,3 +192,17 @@ def test_another_models_waiting_work_is_not_starved(make_pool):
     assert order == ["batch_m1a", "batch_m2", "batch_m1b"]
     assert p.pool.engine_loads == {"m1": 2, "m2": 1}
     assert all(r.finished for r in p.wait(3))
+
+
+@pytest.mark.timeout(120)
+def test_every_slot_gets_work_and_shards_spread_across_them(make_pool):
+    p = make_pool(slots=2)
+    for batch in ("batch_s1", "batch_s2", "batch_s3", "batch_s4"):
+        seed(p.store, "proj", batch, 60)
+        p.submit("proj", batch)
+    deadline = time.monotonic() + 30
+    while not all(slot.running for slot in p.pool.slots):
+        assert time.monotonic() < deadline, [len(s.running) for s in p.pool.slots]
+        time.sleep(0.01)
+    assert all(r.finished for r in p.wait(4))
+    assert p.pool.engine_loads == {MODEL: 2}  # one engine per slot, loaded once each
