@@ -15,7 +15,7 @@ from vbatch.api.auth import ProjectDep, ServicesDep
 from vbatch.api.errors import ERROR_RESPONSES
 from vbatch.api.services import Services
 from vbatch.core import state
-from vbatch.core.errors import InvalidRequest, NotFound, VBatchError
+from vbatch.core.errors import InvalidRequest, NotFound, VBatchError, clip
 from vbatch.core.schemas import (
     SUPPORTED_ENDPOINTS,
     Batch,
@@ -37,14 +37,14 @@ def check_request(body: CreateBatchRequest, services: Services) -> int:
     """The request's own fields (before any file is read). Returns the window in seconds."""
     if body.endpoint not in SUPPORTED_ENDPOINTS:
         raise InvalidRequest(
-            f"Invalid endpoint {body.endpoint!r}: supported endpoints are {', '.join(SUPPORTED_ENDPOINTS)}.",
+            f"Invalid endpoint {clip(body.endpoint)!r}: supported endpoints are {', '.join(SUPPORTED_ENDPOINTS)}.",
             code="invalid_endpoint",
             param="endpoint",
         )
     windows = services.settings.limits.completion_windows
     if body.completion_window not in windows:
         raise InvalidRequest(
-            f"Invalid completion_window {body.completion_window!r}: supported values are {', '.join(windows)}.",
+            f"Invalid completion_window {clip(body.completion_window)!r}: supported values are {', '.join(windows)}.",
             code="invalid_completion_window",
             param="completion_window",
         )
@@ -108,7 +108,7 @@ def list_batches(
 
 
 def _not_found(batch_id: str) -> NotFound:
-    return NotFound(f"No such batch: {batch_id}", code="batch_not_found", param="batch_id")
+    return NotFound(f"No such batch: {clip(batch_id)}", code="batch_not_found", param="batch_id")
 
 
 def _get(services: Services, project: str, batch_id: str) -> BatchRecord:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import queue
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from vbatch.api import metrics
 from vbatch.api.services import Services
-from vbatch.core.errors import InvalidRequest, PayloadTooLarge, VBatchError
+from vbatch.core.errors import InvalidRequest, PayloadTooLarge, VBatchError, clip
 from vbatch.core.schemas import FileObject, FilePurpose
 
 log = logging.getLogger("vbatch.api.uploads")
@@ -167,7 +168,7 @@ class _Events:
 
 def _invalid_purpose(purpose: str) -> InvalidRequest:
     return InvalidRequest(
-        f"Invalid purpose {purpose!r}: files uploaded here must have purpose 'batch'.",
+        f"Invalid purpose {clip(purpose)!r}: files uploaded here must have purpose 'batch'.",
         code="invalid_purpose",
         param="purpose",
     )
@@ -186,8 +187,10 @@ def _boundary(request: Request) -> bytes:
 class _Upload:
     """One upload in flight: parses the body, feeds the file part, collects errors."""
 
-    def __init__(self, request: Request, project: str, services: Services) -> None:
+    def __init__(self, request: Request, project: str, services: Services, executor: Executor | None = None) -> None:
         self.request = request
+        # The uploads' own threads (vbatch.api.limits.UploadCapacity); None: asyncio's default.
+        self.executor = executor
         self.project = project
         self.services = services
         self.max_bytes = services.settings.limits.max_file_bytes
@@ -218,7 +221,7 @@ class _Upload:
                 pipe.consumer_done()
 
         self.pipe = pipe
-        self.job = asyncio.ensure_future(self.loop.run_in_executor(None, store))
+        self.job = asyncio.ensure_future(self.loop.run_in_executor(self.executor, store))
 
     async def _handle(self, kind: str, value: Any) -> None:
         if kind == "start":
@@ -242,7 +245,7 @@ class _Upload:
                 name, buf = self.field
                 buf.extend(value[: MAX_FIELD_BYTES + 1 - len(buf)])
                 if len(buf) > MAX_FIELD_BYTES:
-                    raise InvalidRequest(f"Field {name!r} is too long.", code="field_too_large", param=name)
+                    raise InvalidRequest(f"Field {clip(name)!r} is too long.", code="field_too_large", param=clip(name))
         elif kind == "end":
             if self.in_file:
                 assert self.pipe is not None
@@ -270,16 +273,22 @@ class _Upload:
                 return
             if self.error is not None:
                 continue  # draining
+            unparsable = False
             try:
                 parser.write(chunk)
+            except FormParserError:
+                unparsable = True
+            try:
+                # What the parser saw before a syntax error comes first, so the answer
+                # does not depend on where the network cut the body (found by fuzzing).
                 for kind, value in self.events.items:
                     await self._handle(kind, value)
-            except FormParserError:
-                self.error = InvalidRequest("The multipart body could not be parsed.", code="invalid_multipart")
             except VBatchError as exc:
                 self.error = exc
             finally:
                 self.events.items.clear()
+            if unparsable and self.error is None:
+                self.error = InvalidRequest("The multipart body could not be parsed.", code="invalid_multipart")
         if self.error is None:
             try:
                 parser.finalize()
@@ -308,7 +317,7 @@ class _Upload:
         assert self.job is not None
         stored = await self.job  # PayloadTooLarge / StorageError propagate as they are
         if self.purpose is None or self.purpose not in ACCEPTED_PURPOSES:
-            await self.loop.run_in_executor(None, self.services.files.delete, self.project, stored.id)
+            await self.loop.run_in_executor(self.executor, self.services.files.discard, self.project, stored.id)
             if self.purpose is None:
                 raise InvalidRequest(
                     "Missing required parameter: 'purpose'.", code="missing_required_parameter", param="purpose"
@@ -332,8 +341,14 @@ class _Upload:
             log.exception("storing an abandoned upload failed")
             return
         # The file part had completed before the request went wrong.
-        await self.loop.run_in_executor(None, self.services.files.delete, self.project, stored.id)
+        await self.loop.run_in_executor(self.executor, self.services.files.discard, self.project, stored.id)
 
 
 async def receive_upload(request: Request, project: str, services: Services) -> FileObject:
-    return await _Upload(request, project, services).run()
+    """Store one upload, if this project and the gateway have an upload slot free
+    (429 / 503 with Retry-After otherwise: refused at once, never queued)."""
+    capacity = getattr(request.app.state, "upload_capacity", None)
+    if capacity is None:
+        return await _Upload(request, project, services).run()
+    with capacity.slot(project):
+        return await _Upload(request, project, services, capacity.executor).run()

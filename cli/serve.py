@@ -78,6 +78,7 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
     store = open_store(settings)
     files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds)
     keys = KeyStore(settings.api_keys_file or settings.data_dir / "api_keys")
+    keys.check()  # odd project ids in the key file stop start-up (InvalidKeyFile, a ValueError)
     if settings.batch_store == "kubernetes":
         from vbatch.operator.cr_store import KubeBatchStore
 
@@ -104,7 +105,9 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from vbatch.api.app import KEEP_ALIVE_SECONDS, create_app
+    from vbatch.api.app import create_app
+    from vbatch.api.http_protocol import server_config
+    from vbatch.core.janitor import Janitor
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings_for(args.data_dir)
@@ -122,12 +125,18 @@ def serve(args: argparse.Namespace) -> int:
         services, executor = build_services(settings, engine, args.slots)
     except ValueError as exc:  # configuration mistakes: say which, no traceback
         raise SystemExit(f"vbatch serve: {exc}") from None
+    # Temporaries of writes killed mid-way (a crash, kill -9): removed before serving, then periodically.
+    janitor = Janitor(services.files.store, max_age_seconds=settings.tmp_max_age_seconds,
+                      interval_seconds=settings.tmp_cleanup_interval_seconds)
+    janitor.start()
     if executor is not None:
         executor.start()
     try:
-        uvicorn.run(create_app(services), host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                    timeout_keep_alive=KEEP_ALIVE_SECONDS)
+        config = server_config(create_app(services), settings, host=args.host, port=args.port,
+                               log_level=args.log_level, access_log=False)
+        uvicorn.Server(config).run()
     finally:
+        janitor.stop()
         if executor is not None:
             executor.stop()
     return 0

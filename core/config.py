@@ -101,6 +101,29 @@ class Settings(BaseSettings):
 
     limits: Limits = Field(default_factory=Limits)
 
+    # Gateway abuse limits (a slow, hostile or unlucky client must not take capacity
+    # from others). JSON bodies (create, cancel) are capped; uploads have their own cap.
+    max_json_body_bytes: int = 64 * 1024
+    # A request head (request line + headers) must arrive within this, and be at most
+    # max_header_bytes; otherwise 408/431 and the connection is closed.
+    header_timeout_seconds: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    # A request body that sends nothing for this long is cut off (408).
+    body_idle_timeout_seconds: float = 30.0
+    # ... and one that trickles: after the first body_idle_timeout_seconds, the body must
+    # average at least this many bytes per second (0 disables).
+    body_min_bytes_per_second: int = 1024
+    # Uploads streaming at once, in the whole gateway and per project; beyond them the
+    # gateway answers 503 / 429 with Retry-After instead of queueing. Uploads get
+    # their own pool of this many storage threads.
+    max_concurrent_uploads: int = 64
+    max_concurrent_uploads_per_project: int = 16
+    retry_after_seconds: int = 5
+    # Orphaned temporary files (writes killed mid-way) older than this are removed at
+    # start-up and then every tmp_cleanup_interval_seconds.
+    tmp_max_age_seconds: float = 3600.0
+    tmp_cleanup_interval_seconds: float = 600.0
+
     @property
     def storage_dir(self) -> Path:
         return self.data_dir / "storage"

@@ -14,16 +14,28 @@ from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath, PureWindowsPath
 
 import orjson
-from vbatch.core.errors import NotFound, PayloadTooLarge
+from vbatch.core.errors import NotFound, PayloadTooLarge, StorageError, clip
 from vbatch.core.ids import is_file_id, new_file_id
+from vbatch.core.projects import check_project_id
 from vbatch.core.schemas import FileObject, FilePurpose
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore
 
 MAX_FILENAME_CHARS = 255
 
 
+def files_prefix(project: str) -> str:
+    # The storage-key boundary: a project id with path syntax never names another prefix.
+    return f"projects/{check_project_id(project)}/files/"
+
+
 def file_key(project: str, file_id: str) -> str:
-    return f"projects/{project}/files/{file_id}"
+    if "/" in file_id or not file_id:
+        raise ValueError(f"invalid file id {clip(file_id)!r}")
+    return files_prefix(project) + file_id
+
+
+def _no_such_file(file_id: str) -> NotFound:
+    return NotFound(f"No such file: {clip(file_id)}", code="file_not_found", param="file_id")
 
 
 def sanitize_filename(filename: str | None, file_id: str) -> str:
@@ -103,10 +115,10 @@ class FileService:
 
     def get(self, project: str, file_id: str) -> FileObject:
         if not is_file_id(file_id):
-            raise NotFound(f"No such file: {file_id}", code="file_not_found", param="file_id")
+            raise _no_such_file(file_id)
         raw = self._load(file_key(project, file_id) + ".json")
         if raw is None or raw.get("deleted"):
-            raise NotFound(f"No such file: {file_id}", code="file_not_found", param="file_id")
+            raise _no_such_file(file_id)
         return FileObject.model_validate(raw)
 
     def open(self, project: str, file_id: str) -> tuple[FileObject, Iterator[bytes]]:
@@ -115,7 +127,7 @@ class FileService:
         try:
             return meta, self.store.get_stream(file_key(project, file_id))
         except ObjectNotFound:
-            raise NotFound(f"No such file: {file_id}", code="file_not_found", param="file_id") from None
+            raise _no_such_file(file_id) from None
 
     def list(
         self,
@@ -128,7 +140,7 @@ class FileService:
     ) -> tuple[list[FileObject], bool]:
         """A page of live files, ordered by creation time (then id). Returns (files, has_more)."""
         files: list[FileObject] = []
-        for key in self.store.list(f"projects/{project}/files/"):
+        for key in self.store.list(files_prefix(project)):
             if not key.endswith(".json"):
                 continue
             raw = self._load(key)
@@ -145,8 +157,22 @@ class FileService:
 
     # --- deleting ------------------------------------------------------------
 
+    def discard(self, project: str, file_id: str) -> None:
+        """Remove a file that was never accepted (a refused upload): bytes and File
+        object, no deleted-record left behind. Absent parts are fine."""
+        self.store.delete(file_key(project, file_id))
+        self.store.delete(file_key(project, file_id) + ".json")
+
     def delete(self, project: str, file_id: str) -> None:
         meta = self.get(project, file_id)
+        # Bytes first: on a full disk, deleting is how space comes back.
         self.store.delete(file_key(project, file_id))
         record = meta.model_dump(mode="json") | {"deleted": True, "deleted_at": int(time.time())}
-        self.store.put_bytes(file_key(project, file_id) + ".json", orjson.dumps(record))
+        try:
+            self.store.put_bytes(file_key(project, file_id) + ".json", orjson.dumps(record))
+        except StorageError:
+            # Could not keep the audit record (disk still full?): drop the File object
+            # too, so it never points at bytes that are gone; then report the failure.
+            with contextlib.suppress(Exception):
+                self.store.delete(file_key(project, file_id) + ".json")
+            raise

@@ -12,13 +12,17 @@ from __future__ import annotations
 import re
 
 from pydantic import BaseModel, Field
+from vbatch.core.projects import check_project_id
 from vbatch.core.schemas import BatchUsage
 
 _PART = re.compile(r"/part-(\d+)\.jsonl$")
 
 
 def batch_prefix(project: str, batch_id: str) -> str:
-    return f"projects/{project}/batches/{batch_id}/"
+    # The storage-key boundary: ids with path syntax never reach another prefix.
+    if not batch_id or "/" in batch_id:
+        raise ValueError(f"invalid batch id {batch_id[:80]!r}")
+    return f"projects/{check_project_id(project)}/batches/{batch_id}/"
 
 
 def shard_key(project: str, batch_id: str, shard: int) -> str:

@@ -307,3 +307,32 @@ class S3ObjectStore:
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
             self.delete(key)
+
+    # --- housekeeping ----------------------------------------------------------
+
+    def remove_orphans(self, max_age_seconds: float) -> int:
+        """Abort multipart uploads begun more than max_age_seconds ago: those of writers
+        killed mid-way (minio aborts its own failed uploads; a killed process cannot).
+        Their parts take space but are invisible to `list`. Returns how many."""
+        self._ensure_bucket()
+        cutoff = time.time() - max_age_seconds
+        aborted = 0
+        key_marker = upload_id_marker = None
+        try:
+            while True:
+                # minio has no public listing of multipart uploads; these are its own calls.
+                result = self.client._list_multipart_uploads(
+                    self.bucket, key_marker=key_marker, upload_id_marker=upload_id_marker, max_uploads=1000
+                )
+                for upload in result.uploads:
+                    started = upload.initiated_time.timestamp() if upload.initiated_time else 0.0
+                    if started <= cutoff:
+                        self.client._abort_multipart_upload(self.bucket, upload.object_name, upload.upload_id)
+                        aborted += 1
+                # (minio 7.2 stores the upload-id marker under a misspelt attribute name)
+                next_upload = result.next_upload_id_marker or getattr(result, "self._next_upload_id_marker", None)
+                if not result.is_truncated or (result.next_key_marker, next_upload) == (key_marker, upload_id_marker):
+                    return aborted
+                key_marker, upload_id_marker = result.next_key_marker, next_upload
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error("clean up uploads in", self.bucket, exc) from exc
