@@ -62,7 +62,7 @@ def build_driver(settings: Settings | None = None, events: BatchEvents | None = 
         files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
                           output_retention_seconds=settings.output_retention_seconds),
         batches=KubeBatches(kube, settings),
-        runtime=KubeRuntime(kube=kube, store=store, settings=settings, worker=load_worker_config(), model_gpus=gpus),
+        runtime=_runtime(settings, kube, store, gpus),
         served_models=served,
         events=events,
     )
@@ -75,6 +75,30 @@ def build_operator_operations(settings: Settings) -> Operations:
     files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
                         output_retention_seconds=settings.output_retention_seconds)
     return build_operations(settings, files, Kube(api_client("operator"), settings.namespace), cluster=True)
+
+
+def _runtime(settings: Settings, kube: Kube, store: Any, gpus: dict[str, int]) -> Any:
+    worker = load_worker_config()
+    if settings.cluster_runtime == "jobs":
+        return KubeRuntime(kube=kube, store=store, settings=settings, worker=worker, model_gpus=gpus)
+    from vbatch.operator.pool_runtime import PoolRuntime
+
+    return PoolRuntime(kube=kube, store=store, settings=settings, worker=worker,
+                       max_replicas=_max_replicas(settings), model_gpus=gpus)
+
+
+def _max_replicas(settings: Settings):
+    """Pool size per model: the catalog's max_replicas (1 for a model it does not list)."""
+    from vbatch.core.catalog import load_catalog
+
+    try:
+        catalog = load_catalog(settings.model_catalog, settings.data_dir)
+    except (OSError, ValueError, KeyError):
+        if settings.engine != "echo":
+            raise
+        catalog = None  # the echo test engine runs without a catalog
+    sizes = {m.id: m.max_replicas for m in catalog.models} if catalog is not None else {}
+    return lambda model: sizes.get(model, 1)
 
 
 def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:

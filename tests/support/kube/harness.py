@@ -57,6 +57,9 @@ class ClusterEnv:
             "VBATCH_PART_MAX_SECONDS": "0.2",
             # In-process operators must not race for one metrics port (a test sets its own).
             "VBATCH_OPERATOR_METRICS_PORT": "0",
+            # The suites written for one Indexed Job per batch pin that runtime; pool
+            # tests pass VBATCH_CLUSTER_RUNTIME="pools" (the product default).
+            "VBATCH_CLUSTER_RUNTIME": "jobs",
         }
         if window_seconds is not None:
             values["VBATCH_LIMITS"] = json.dumps({"completion_windows": {"24h": window_seconds}})
