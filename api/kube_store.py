@@ -31,7 +31,7 @@ from vbatch.operator.builders import (
     batch_record_from_resource,
     build_batch_resource,
     build_batch_status,
-    label_value,
+    project_label,
 )
 from vbatch.operator.kube import BatchResources, api_client
 
@@ -58,9 +58,10 @@ class KubeBatchStore:
 
     @staticmethod
     def _owned(obj: dict[str, Any], project: str) -> bool:
-        # The label narrows lists server-side; spec.project is the exact (unsanitised) name.
-        labels = obj["metadata"].get("labels") or {}
-        return labels.get(LABEL_PROJECT) == label_value(project) and (obj.get("spec") or {}).get("project") == project
+        # spec.project is the exact name and the only proof of ownership; the label only
+        # narrows lists server-side (and a kubectl-applied Batch has it once the operator
+        # saw it), so reads by id do not depend on it.
+        return (obj.get("spec") or {}).get("project") == project
 
     # --- BatchStore ----------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class KubeBatchStore:
                 return items
 
     def list_page(self, project: str, *, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
-        objs = self._list(f"{LABEL_PROJECT}={label_value(project)}")
+        objs = self._list(f"{LABEL_PROJECT}={project_label(project)}")
         records = [batch_record_from_resource(o) for o in objs if self._owned(o, project)]
         # ULID ids sort by creation time, so descending id order is newest first.
         records.sort(key=lambda r: r.id, reverse=True)

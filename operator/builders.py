@@ -70,6 +70,24 @@ def label_value(raw: str) -> str:
     return f"{clean[:54].rstrip('-_.')}-{digest}".lstrip("-")
 
 
+def project_label(project: str) -> str:
+    """The `vbatch.dev/project` label value of a project: what the gateway stamps on the
+    Batches it creates, what the operator stamps on kubectl-applied ones, and what the
+    CR store selects by. Project ids may be 64 chars and end in `.`/`_`/`-`, which a
+    label value may not; those get a hash-suffixed value (see `label_value`)."""
+    return label_value(project)
+
+
+def project_label_fix(spec: dict[str, Any] | None, labels: dict[str, str] | None) -> str | None:
+    """The label value a Batch must get, or None when its label is already right:
+    a Batch applied with kubectl carries no label, so the API could not list it."""
+    project = (spec or {}).get("project")
+    if not isinstance(project, str) or not project:
+        return None
+    wanted = project_label(project)
+    return None if (labels or {}).get(LABEL_PROJECT) == wanted else wanted
+
+
 def job_name(batch_name: str) -> str:
     """The shard Job of a Batch; pods are `<job>-<index>-<suffix>`, well under 63 chars."""
     return f"{batch_name}-shards"
@@ -117,7 +135,7 @@ def build_batch_resource(
     metadata: dict[str, Any] = {
         "name": name,
         "namespace": namespace,
-        "labels": {LABEL_PROJECT: label_value(record.project), LABEL_MANAGED_BY: "vbatch"},
+        "labels": {LABEL_PROJECT: project_label(record.project), LABEL_MANAGED_BY: "vbatch"},
         "annotations": {ANNOTATION_BATCH_ID: record.id, ANNOTATION_CREATED_AT: str(record.created_at)},
     }
     if record.revision is not None:
@@ -250,7 +268,7 @@ def build_shard_job(
         raise ValueError(f"shard_count must be >= 1, got {shard_count}")
     labels = {
         LABEL_BATCH: batch_name,
-        LABEL_PROJECT: label_value(project),
+        LABEL_PROJECT: project_label(project),
         LABEL_MANAGED_BY: "vbatch",
         "app.kubernetes.io/name": "vbatch",
         "app.kubernetes.io/component": "worker",

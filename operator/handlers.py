@@ -18,7 +18,7 @@ from vbatch.core.config import Settings
 from vbatch.core.files import FileService
 from vbatch.core.schemas import TERMINAL_STATUSES
 from vbatch.core.storage import open_store
-from vbatch.operator.builders import GROUP, PLURAL, VERSION
+from vbatch.operator.builders import GROUP, LABEL_PROJECT, PLURAL, VERSION, project_label_fix
 from vbatch.operator.config import WorkerPodConfig
 from vbatch.operator.kube import Kube, api_client
 from vbatch.operator.reconciler import PodsRemain, Reconciler
@@ -82,10 +82,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # `kubectl describe batch`; only its warnings and errors are posted.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = int(os.environ.get("VBATCH_OPERATOR_WATCH_TIMEOUT", "300"))
+    # The operator serves exactly its --namespace and the CRDs installed before it (the
+    # chart's crds/). kopf's scanning would list/watch Namespaces and CRDs cluster-wide;
+    # least privilege grants neither, and kopf retries a 403 for ~55 s before it falls
+    # back to the same namespace list. Disabled, it uses discovery only (no RBAC needed).
+    settings.scanning.disabled = True
     memo.reconciler = build_reconciler()
 
 
 # --- triggers -------------------------------------------------------------------------
+
+
+def _label_project(spec: Any, labels: Any, patch: kopf.Patch) -> None:
+    # The API lists a project's batches by label; kubectl-applied ones arrive without it.
+    value = project_label_fix(dict(spec), dict(labels))
+    if value is not None:
+        patch.metadata.setdefault("labels", {})[LABEL_PROJECT] = value
 
 
 def _step(name: str, memo: kopf.Memo) -> None:
@@ -99,7 +111,8 @@ def _step(name: str, memo: kopf.Memo) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec.cancelRequested")
-def on_change(name: str, memo: kopf.Memo, **_: Any) -> None:
+def on_change(name: str, memo: kopf.Memo, spec: Any, labels: Any, patch: kopf.Patch, **_: Any) -> None:
+    _label_project(spec, labels, patch)
     _step(name, memo)
 
 

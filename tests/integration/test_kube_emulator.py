@@ -185,7 +185,7 @@ def test_json_patch_with_a_failing_test_op_is_422(crs, kube_cluster):
     # kopf guards its finalizer patches this way; the official client only sends merge patches.
     created = create(crs, batch("b1"))
     url = f"{kube_cluster.url}/apis/{G}/{V}/namespaces/{NS}/{P}/b1"
-    headers = {"Content-Type": "application/json-patch+json"}
+    headers = {"Content-Type": "application/json-patch+json", **kube_cluster.admin_headers}
     ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
            {"op": "replace", "path": "/spec/model", "value": "x"}]
     assert httpx.patch(url, json=ops, headers=headers).status_code == 422

@@ -22,10 +22,32 @@ from kmock._internal import enums, parsing, rendering
 
 from . import semantics
 from .crds import builtin_specs, load_yaml_documents
+from .rbac import (
+    MASTERS,
+    Attributes,
+    RBACAuthorizer,
+    TokenAuthenticator,
+    UserInfo,
+    bootstrap_policy,
+    forbidden,
+    request_attributes,
+    unauthorized,
+)
 from .selectors import SelectorError, field_selector, label_selector
 from .store import ResourceSpec, Store, WatchEvent, error
 
 VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
+
+
+@attrs.frozen
+class AuditEvent:
+    """One request as the API server's audit log records it: who, what, allowed or not."""
+
+    request_id: int
+    user: UserInfo | None  # None: the token was not accepted (401)
+    attributes: Attributes | None
+    allowed: bool
+    user_agent: str
 
 
 def parse_k8s_path(path: str) -> parsing.ParsedPath:
@@ -77,6 +99,13 @@ class KubeEmulator(kmock.KubernetesScaffold):
     store: Store = attrs.field(factory=Store, init=False)
     kubernetes_version: tuple[int, int] = (1, 32)
     _changed: asyncio.Event | None = attrs.field(default=None, init=False)
+    # Authentication and RBAC, on by default as on any real cluster; `admin_token` is in
+    # system:masters (what a kubeconfig from `kind` or a cloud console carries).
+    authorization: bool = True
+    authenticator: TokenAuthenticator = attrs.field(init=False)
+    authorizer: RBACAuthorizer = attrs.field(init=False)
+    admin_token: str = attrs.field(init=False)
+    audit: list[AuditEvent] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -85,6 +114,11 @@ class KubeEmulator(kmock.KubernetesScaffold):
         for spec in builtin_specs():
             self.store.register(spec)
         self.store.create(kmock.resource("", "v1", "namespaces"), None, {"metadata": {"name": "default"}})
+        for obj in bootstrap_policy():
+            self.apply(obj)
+        self.authenticator = TokenAuthenticator(self.store)
+        self.authorizer = RBACAuthorizer(self.store)
+        self.admin_token = self.authenticator.issue(UserInfo("kubernetes-admin", (MASTERS, "system:authenticated")))
         # The official client asks for `/apis/` and `/api/`; the API server ignores the slash.
         self.fallback["get /apis/"] << self._serve_apis
         self.fallback["get /api/"] << self._serve_api
@@ -111,6 +145,39 @@ class KubeEmulator(kmock.KubernetesScaffold):
         return [self.store.create(crd, None, doc) for doc in load_yaml_documents(path)
                 if doc.get("kind") == "CustomResourceDefinition"]
 
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create any object of a known kind, as `kubectl create -f` (an admin) would."""
+        api_version, kind = obj["apiVersion"], obj["kind"]
+        spec = next((s for s in self.store.specs.values() if s.api_version == api_version and s.kind == kind), None)
+        if spec is None:
+            raise KeyError(f"unknown kind {api_version} {kind}")
+        namespace = (obj.get("metadata") or {}).get("namespace") if spec.namespaced else None
+        return self.store.create(spec.resource, namespace, obj)
+
+    def _authorize(self, request: rendering.Request) -> kmock.KubernetesError | None:
+        """Authenticate, then authorize through RBAC (None: go ahead), and audit it."""
+        raw = request._raw_request
+        agent = request.headers.get("User-Agent", "")
+        if not self.authorization or raw is None:
+            return None
+        user = self.authenticator.authenticate(request.headers.get("Authorization"))
+        if user is None:
+            self.audit.append(AuditEvent(request.id, None, None, False, agent))
+            return unauthorized()
+        attributes = request_attributes(raw.method, raw.path, raw.query_string, user)
+        decision = self.authorizer.authorize(attributes)
+        self.audit.append(AuditEvent(request.id, user, attributes, decision.allowed, agent))
+        return None if decision.allowed else forbidden(attributes, decision.reason)
+
+    @staticmethod
+    def _status_response(exc: kmock.KubernetesError) -> aiohttp.web.Response:
+        # The Status body kube-apiserver writes (kmock's own would add a traceback).
+        body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                "message": exc.message, "reason": exc.reason, "code": exc.status}
+        if exc.details:
+            body["details"] = exc.details
+        return aiohttp.web.json_response(body, status=exc.status, headers={"X-Content-Type-Options": "nosniff"})
+
     def _wake(self) -> None:
         if self._changed is not None:
             self._changed.set()
@@ -128,6 +195,9 @@ class KubeEmulator(kmock.KubernetesScaffold):
         try:
             request = await parse_request(raw_request, id=len(self._requests))
             self._requests.append(request)
+            denied = self._authorize(request)
+            if denied is not None:
+                return self._status_response(denied)
             return await self._handle(request)
         except rendering.StreamingError as e:
             response = e.args[0]

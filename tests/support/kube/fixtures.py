@@ -73,16 +73,53 @@ class KubeCluster:
             await self._stop.wait()
 
     def _write_kubeconfig(self) -> None:
+        assert self.emulator is not None
+        self.write_kubeconfig(self.kubeconfig, {"emulator": self.emulator.admin_token})
+
+    def write_kubeconfig(self, path: Path, tokens: dict[str, str], *, current: str | None = None) -> Path:
+        """A kubeconfig with one context (and user) per token; the first is current."""
+        names = list(tokens)
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
-            "contexts": [{"name": "emulator",
-                          "context": {"cluster": "emulator", "user": "tester", "namespace": self.namespace}}],
-            "current-context": "emulator",
+            "users": [{"name": name, "user": {"token": token}} for name, token in tokens.items()],
+            "contexts": [{"name": name, "context": {"cluster": "emulator", "user": name, "namespace": self.namespace}}
+                         for name in names],
+            "current-context": current or names[0],
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config), encoding="utf-8")
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return path
+
+    # --- identities (authentication and RBAC) ------------------------------------
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """For raw HTTP calls as the cluster admin (what the kubeconfig carries)."""
+        assert self.emulator is not None
+        return {"Authorization": f"Bearer {self.emulator.admin_token}"}
+
+    def service_account_token(self, name: str, namespace: str | None = None) -> str:
+        """A token for an existing ServiceAccount, as the TokenRequest API issues it."""
+        assert self.emulator is not None
+        return self.call(self.emulator.authenticator.issue_for_service_account, namespace or self.namespace, name)
+
+    def install_chart_identities(self, *, values: dict[str, Any] | None = None) -> dict[str, str]:
+        """Apply the chart's ServiceAccounts and RBAC (rendered by Helm for this namespace);
+        returns {component: ServiceAccount name}."""
+        from .chart import identity_objects
+
+        assert self.emulator is not None
+        accounts: dict[str, str] = {}
+        for obj in identity_objects(self.namespace, values=values):
+            if obj["kind"] == "ServiceAccount":
+                accounts[obj["metadata"]["labels"]["app.kubernetes.io/component"]] = obj["metadata"]["name"]
+            try:
+                self.call(self.emulator.apply, obj)
+            except kmock.KubernetesError as exc:
+                if exc.status != 409:  # installed already (a second ClusterEnv on this cluster)
+                    raise
+        return accounts
 
     # --- helpers (run on the emulator's loop) -----------------------------------
 
