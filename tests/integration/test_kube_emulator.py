@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 
@@ -188,9 +189,9 @@ def test_json_patch_with_a_failing_test_op_is_422(crs, kube_cluster):
     headers = {"Content-Type": "application/json-patch+json", **kube_cluster.admin_headers}
     ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
            {"op": "replace", "path": "/spec/model", "value": "x"}]
-    assert httpx.patch(url, json=ops, headers=headers).status_code == 422
+    assert httpx.patch(url, json=ops, headers=headers, verify=ssl.create_default_context(cafile=kube_cluster.ca_file)).status_code == 422
     ops[0]["value"] = created["metadata"]["resourceVersion"]
-    response = httpx.patch(url, json=ops, headers=headers)
+    response = httpx.patch(url, json=ops, headers=headers, verify=ssl.create_default_context(cafile=kube_cluster.ca_file))
     assert response.status_code == 200 and response.json()["spec"]["model"] == "x"
 
 

@@ -9,8 +9,10 @@ is only ever touched from one thread.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import copy
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import yaml
 
 from .emulator import KubeEmulator
 from .store import ResourceSpec
+from .tls import TLSRawTestServer, make_serving_cert
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[3]
@@ -41,6 +44,10 @@ class KubeCluster:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
+        # HTTPS like a real API server: client-go sends tokens over TLS only.
+        self.tls = make_serving_cert()
+        self.ca_file = kubeconfig.parent / "apiserver-ca.crt"
+        self.ca_file.write_bytes(self.tls.ca_pem)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -66,7 +73,8 @@ class KubeCluster:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with KubeEmulator() as emulator, kmock.Server(emulator, host="127.0.0.1") as server:
+        tls = functools.partial(TLSRawTestServer, ssl_context=self.tls.server_context(self.kubeconfig.parent))
+        async with KubeEmulator() as emulator, kmock.Server(emulator, host="127.0.0.1", server_cls=tls) as server:
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()
@@ -82,7 +90,8 @@ class KubeCluster:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "emulator", "cluster": {
+                "server": self.url, "certificate-authority-data": base64.b64encode(self.tls.ca_pem).decode()}}],
             "users": [{"name": name, "user": {"token": token}} for name, token in tokens.items()],
             "contexts": [{"name": name, "context": {"cluster": "emulator", "user": name, "namespace": self.namespace}}
                          for name in names],
