@@ -1,0 +1,141 @@
+"""The emulator authenticates and authorizes over the wire as kube-apiserver does:
+HTTPS, bearer tokens of ServiceAccounts, RBAC from the Roles and bindings in the
+cluster, 403 Status bodies the official client and kubectl understand."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import kopf.testing
+import kubernetes
+import pytest
+from kube.fixtures import KubeCluster
+from kubernetes.client.rest import ApiException
+
+pytestmark = pytest.mark.cluster
+
+G, V, P, NS = "vbatch.dev", "v1alpha1", "batches", "default"
+RBAC = "rbac.authorization.k8s.io/v1"
+KUBECTL = shutil.which("kubectl")
+
+
+def limited_account(cluster: KubeCluster, rules: list[dict], name: str = "limited") -> str:
+    """A ServiceAccount bound to a Role with these rules; returns a kubeconfig path for it."""
+    apply = cluster.emulator.apply
+    cluster.call(apply, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": NS}})
+    cluster.call(apply, {"apiVersion": RBAC, "kind": "Role", "metadata": {"name": name, "namespace": NS},
+                         "rules": rules})
+    cluster.call(apply, {"apiVersion": RBAC, "kind": "RoleBinding", "metadata": {"name": name, "namespace": NS},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NS}]})
+    path = cluster.kubeconfig.parent / f"{name}.kubeconfig"
+    return str(cluster.write_kubeconfig(path, {name: cluster.service_account_token(name)}))
+
+
+@pytest.fixture()
+def limited(kube_cluster: KubeCluster):
+    path = limited_account(kube_cluster, [{"apiGroups": [G], "resources": [P], "verbs": ["get"]}])
+    client = kubernetes.config.new_client_from_config(path)
+    yield kubernetes.client.CustomObjectsApi(client), path
+    client.close()
+
+
+def test_a_call_outside_the_rules_gets_403_with_the_api_servers_status(limited):
+    crs, _ = limited
+    with pytest.raises(ApiException) as missing:
+        crs.get_namespaced_custom_object(G, V, NS, P, "nope")
+    assert missing.value.status == 404  # allowed: it is simply not there
+    with pytest.raises(ApiException) as refused:
+        crs.list_namespaced_custom_object(G, V, NS, P)
+    assert refused.value.status == 403 and refused.value.reason == "Forbidden"
+    body = json.loads(refused.value.body)
+    assert body == {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Forbidden", "code": 403,
+        "message": 'batches.vbatch.dev is forbidden: User "system:serviceaccount:default:limited" cannot list '
+                   'resource "batches" in API group "vbatch.dev" in the namespace "default"',
+        "details": {"group": "vbatch.dev", "kind": "batches"},
+    }
+    with pytest.raises(ApiException) as refused:
+        crs.patch_namespaced_custom_object_status(G, V, NS, P, "b1", {"status": {"phase": "x"}})
+    assert refused.value.status == 403 and "batches/status" in json.loads(refused.value.body)["message"]
+    with pytest.raises(ApiException) as refused:
+        crs.get_namespaced_custom_object(G, V, "kube-system", P, "nope")
+    assert refused.value.status == 403
+
+
+def test_an_unknown_or_revoked_token_is_401(kube_cluster: KubeCluster, limited):
+    _, path = limited
+    forged = kube_cluster.write_kubeconfig(kube_cluster.kubeconfig.parent / "forged", {"x": "not-a-token"})
+    crs = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(str(forged)))
+    with pytest.raises(ApiException) as refused:
+        crs.get_namespaced_custom_object(G, V, NS, P, "nope")
+    assert refused.value.status == 401 and json.loads(refused.value.body)["reason"] == "Unauthorized"
+    # Deleting the ServiceAccount revokes its tokens.
+    kube_cluster.delete("v1", "ServiceAccount", "limited")
+    crs = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(path))
+    with pytest.raises(ApiException) as refused:
+        crs.get_namespaced_custom_object(G, V, NS, P, "nope")
+    assert refused.value.status == 401
+
+
+def test_granting_a_permission_takes_effect_at_once(kube_cluster: KubeCluster, limited):
+    crs, _ = limited
+    with pytest.raises(ApiException):
+        crs.list_namespaced_custom_object(G, V, NS, P)
+    kube_cluster.patch(RBAC, "Role", "limited",
+                       {"rules": [{"apiGroups": [G], "resources": [P], "verbs": ["get", "list"]}]})
+    assert crs.list_namespaced_custom_object(G, V, NS, P)["items"] == []
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+def test_kubectl_sees_the_denial(kube_cluster: KubeCluster, limited):
+    _, path = limited
+    done = subprocess.run([KUBECTL, "--kubeconfig", path, "--cache-dir", str(kube_cluster.kubeconfig.parent / "c"),
+                           "get", "batches"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert 'Error from server (Forbidden): batches.vbatch.dev is forbidden: User ' \
+        '"system:serviceaccount:default:limited" cannot list resource "batches"' in done.stderr
+    admin = subprocess.run([KUBECTL, "--kubeconfig", str(kube_cluster.kubeconfig), "--cache-dir",
+                            str(kube_cluster.kubeconfig.parent / "c"), "get", "batches"],
+                           capture_output=True, text=True, timeout=60)
+    assert admin.returncode == 0, admin.stderr
+
+
+def test_kopf_retries_a_refused_watch_and_recovers_once_granted(kube_cluster: KubeCluster, monkeypatch):
+    """kopf meets a 403 as it would on a real cluster (it retries with back-off) and the
+    grant arriving later lets it proceed: denial is a real API response, not a crash."""
+    path = limited_account(kube_cluster, [{"apiGroups": [G], "resources": [P], "verbs": ["get"]}], name="probe")
+    monkeypatch.setenv("KUBECONFIG", path)
+    probe = str(kube_cluster.kubeconfig.parents[0] / "probe.py")
+    with open(probe, "w") as f:
+        f.write("import kopf\n"
+                "@kopf.on.login()\n"
+                "def login(**kw): return kopf.login_with_kubeconfig(**kw)\n"
+                "@kopf.on.startup()\n"
+                "def configure(settings, **_):\n"
+                "    settings.scanning.disabled = True\n"
+                "    settings.networking.error_backoffs = [0.2] * 30\n"
+                "@kopf.on.create('vbatch.dev', 'v1alpha1', 'batches')\n"
+                "def seen(patch, **_): patch.status['phase'] = 'in_progress'\n")
+    kube_cluster.create({"apiVersion": f"{G}/{V}", "kind": "Batch", "metadata": {"name": "b1"},
+                         "spec": {"inputFileId": "file-x", "endpoint": "/v1/chat/completions",
+                                  "completionWindow": "24h", "project": "p"}})
+    args = ["run", "--namespace", NS, "--standalone", probe]
+    with kopf.testing.KopfRunner(args, timeout=60) as runner:
+        deadline = time.monotonic() + 20
+        while not any(e.attributes and e.attributes.resource == P and e.attributes.verb == "list" and not e.allowed
+                      for e in list(kube_cluster.emulator.audit)):
+            assert time.monotonic() < deadline, "kopf never tried to list batches"
+            time.sleep(0.1)
+        kube_cluster.patch(RBAC, "Role", "probe", {"rules": [
+            {"apiGroups": [G], "resources": [P], "verbs": ["get", "list", "watch", "patch"]},
+            {"apiGroups": [G], "resources": [f"{P}/status"], "verbs": ["patch"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]})
+        deadline = time.monotonic() + 30
+        while (kube_cluster.get(f"{G}/{V}", "Batch", "b1").get("status") or {}).get("phase") != "in_progress":
+            assert time.monotonic() < deadline, runner.output[-3000:]
+            time.sleep(0.1)
+    assert runner.exception is None
