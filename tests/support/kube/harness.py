@@ -107,8 +107,10 @@ class ClusterEnv:
             kopf.set_default_registry(previous)
         assert runner.exception is None, runner.output[-4000:]
 
-    def job_runner(self, *, fail: FailHook | None = None, capacity: int = 8) -> JobRunner:
-        return JobRunner(self.cluster, self.tmp / "pods", fail=fail, capacity=capacity)
+    def job_runner(self, *, fail: FailHook | None = None, capacity: int = 8, backoff_base: float = 0.2) -> JobRunner:
+        # The Job controller waits 10 s before an index's first retry (doubling after);
+        # the same schedule, scaled down, keeps retry tests quick.
+        return JobRunner(self.cluster, self.tmp / "pods", fail=fail, capacity=capacity, backoff_base=backoff_base)
 
     # --- reading the cluster --------------------------------------------------------
 
