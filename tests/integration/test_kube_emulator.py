@@ -173,8 +173,11 @@ def test_finalizers_hold_deletion_until_removed(crs):
     crs.delete_namespaced_custom_object(G, V, NS, P, "b1")
     held = crs.get_namespaced_custom_object(G, V, NS, P, "b1")
     assert held["metadata"]["deletionTimestamp"]
-    # Finalizers may only shrink once deletion started.
-    crs.patch_namespaced_custom_object(G, V, NS, P, "b1", {"metadata": {"finalizers": ["vbatch.dev/results", "x"]}})
+    # Finalizers may only shrink once deletion started: adding one is refused (422).
+    with pytest.raises(ApiException) as refused:
+        crs.patch_namespaced_custom_object(G, V, NS, P, "b1",
+                                           {"metadata": {"finalizers": ["vbatch.dev/results", "x"]}})
+    assert refused.value.status == 422 and "no new finalizers can be added" in refused.value.body
     assert crs.get_namespaced_custom_object(G, V, NS, P, "b1")["metadata"]["finalizers"] == ["vbatch.dev/results"]
     crs.patch_namespaced_custom_object(G, V, NS, P, "b1", {"metadata": {"finalizers": None}})
     with pytest.raises(ApiException) as exc:

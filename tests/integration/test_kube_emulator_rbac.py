@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 
+import kopf
 import kopf.testing
 import kubernetes
 import pytest
@@ -124,7 +125,18 @@ def test_kopf_retries_a_refused_watch_and_recovers_once_granted(kube_cluster: Ku
                          "spec": {"inputFileId": "file-x", "endpoint": "/v1/chat/completions",
                                   "completionWindow": "24h", "project": "p"}})
     args = ["run", "--namespace", NS, "--standalone", probe]
-    with kopf.testing.KopfRunner(args, timeout=60) as runner:
+    # Its own registry: loading the probe registers handlers, which must not leak into
+    # other tests' operators through kopf's default registry.
+    previous, registry = kopf.get_default_registry(), kopf.OperatorRegistry()
+    kopf.set_default_registry(registry)
+    try:
+        _run_probe(kube_cluster, args, registry)
+    finally:
+        kopf.set_default_registry(previous)
+
+
+def _run_probe(kube_cluster: KubeCluster, args: list[str], registry) -> None:
+    with kopf.testing.KopfRunner(args, registry=registry, timeout=60) as runner:
         deadline = time.monotonic() + 20
         while not any(e.attributes and e.attributes.resource == P and e.attributes.verb == "list" and not e.allowed
                       for e in list(kube_cluster.emulator.audit)):
@@ -139,3 +151,31 @@ def test_kopf_retries_a_refused_watch_and_recovers_once_granted(kube_cluster: Ku
             assert time.monotonic() < deadline, runner.output[-3000:]
             time.sleep(0.1)
     assert runner.exception is None
+
+
+# --- patch content types (apiserver patch.go) ----------------------------------------
+
+
+def test_strategic_merge_patch_is_refused_on_custom_resources_and_merges_builtins(kube_cluster: KubeCluster):
+    admin = kubernetes.config.new_client_from_config(str(kube_cluster.kubeconfig))
+    kube_cluster.create({"apiVersion": f"{G}/{V}", "kind": "Batch", "metadata": {"name": "b1"},
+                         "spec": {"inputFileId": "file-x", "endpoint": "/v1/chat/completions",
+                                  "completionWindow": "24h", "project": "p"}})
+    # What `kubectl patch batch b1 -p ...` sends without --type=merge.
+    with pytest.raises(ApiException) as refused:
+        admin.call_api(f"/apis/{G}/{V}/namespaces/{NS}/{P}/b1", "PATCH", body={"spec": {"model": "m"}},
+                       header_params={"Content-Type": "application/strategic-merge-patch+json"},
+                       auth_settings=["BearerToken"], _preload_content=False)
+    assert refused.value.status == 415
+    assert json.loads(refused.value.body)["reason"] == "UnsupportedMediaType"
+    # The typed client patches built-ins with a strategic merge: finalizers are a set.
+    core = kubernetes.client.CoreV1Api(admin)
+    core.create_namespaced_config_map(NS, {"metadata": {"name": "c", "finalizers": ["a/x"]}})
+    pod = {"metadata": {"name": "p", "finalizers": ["a/x"]},
+           "spec": {"containers": [{"name": "w", "image": "i", "env": [{"name": "A", "value": "1"}]}]}}
+    core.create_namespaced_pod(NS, pod)
+    patched = core.patch_namespaced_pod("p", NS, {"metadata": {"finalizers": ["b/y"]}, "spec": {"containers": [
+        {"name": "w", "env": [{"name": "B", "value": "2"}]}]}})
+    assert patched.metadata.finalizers == ["a/x", "b/y"]
+    assert [e.name for e in patched.spec.containers[0].env] == ["A", "B"]
+    admin.close()

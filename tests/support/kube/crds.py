@@ -55,6 +55,7 @@ def spec_from_crd(crd: dict[str, Any]) -> list[ResourceSpec]:
             status_subresource="status" in (version.get("subresources") or {}),
             schema=(version.get("schema") or {}).get("openAPIV3Schema"),
             printer_columns=version.get("additionalPrinterColumns"),
+            custom=True,
         )
         for version in spec["versions"]
         if version.get("served", True)

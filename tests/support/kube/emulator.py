@@ -35,6 +35,7 @@ from .rbac import (
 )
 from .selectors import SelectorError, field_selector, label_selector
 from .store import ResourceSpec, Store, WatchEvent, error
+from .strategic import kind_schema
 
 VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 
@@ -259,8 +260,14 @@ class KubeEmulator(kmock.KubernetesScaffold):
         if method == enums.method.PATCH and request.name is not None:
             ctype = request.headers.get("Content-Type", "application/merge-patch+json")
             patch = request.data
+            builtin_schema = None if spec.custom else kind_schema(spec.group, spec.version, spec.kind)
+            if spec.custom and ctype.split(";")[0].strip().lower() == "application/strategic-merge-patch+json":
+                # Custom resources have no Go types to carry patch strategies (apiserver patch.go).
+                raise error(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                            "accepted media types include: application/json-patch+json, "
+                            "application/merge-patch+json, application/apply-patch+yaml")
             return self.store.update(spec.resource, ns, request.name,
-                                     lambda old: semantics.apply_patch(ctype, old, patch),
+                                     lambda old: semantics.apply_patch(ctype, old, patch, builtin_schema),
                                      subresource=request.subresource)
         if method == enums.method.DELETE:
             options = request.data if isinstance(request.data, dict) else {}

@@ -50,6 +50,8 @@ class ResourceSpec:
     printer_columns: list[dict[str, Any]] | None = None
     # Deleting without a propagationPolicy orphans dependents for some legacy kinds (Jobs).
     default_propagation: str = "Background"
+    # Served from a CRD: no strategic merge patch (the API server answers 415).
+    custom: bool = False
 
     @property
     def resource(self) -> kmock.resource:
@@ -256,11 +258,16 @@ class Store:
             else:
                 meta.pop(owned, None)
         if old["metadata"].get("deletionTimestamp"):
-            # An object being deleted may lose finalizers but never gain new ones.
+            # An object being deleted may lose finalizers but never gain new ones
+            # (apimachinery's ValidateObjectMetaUpdate: 422, the write is refused).
             kept = set(old["metadata"].get("finalizers") or [])
-            meta["finalizers"] = [f for f in meta.get("finalizers") or [] if f in kept]
-            if not meta["finalizers"]:
-                del meta["finalizers"]
+            added = [f for f in meta.get("finalizers") or [] if f not in kept]
+            if added:
+                listed = ", ".join(f'"{f}"' for f in added)
+                raise error(422, "Invalid", f'{old.get("kind", "object")} "{old["metadata"]["name"]}" is invalid: '
+                            "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being "
+                            f"deleted, found new finalizers []string{{{listed}}}",
+                            name=old["metadata"]["name"], kind=old.get("kind", ""))
 
     def delete(self, resource: kmock.resource, namespace: str | None, name: str,
                *, propagation: str | None = None, precondition_rv: str | None = None) -> dict[str, Any]:
