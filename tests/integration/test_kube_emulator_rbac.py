@@ -179,3 +179,52 @@ def test_strategic_merge_patch_is_refused_on_custom_resources_and_merges_builtin
     assert patched.metadata.finalizers == ["a/x", "b/y"]
     assert [e.name for e in patched.spec.containers[0].env] == ["A", "B"]
     admin.close()
+
+
+# --- deletion propagation (garbage collector) ------------------------------------------
+
+
+def _job_with_pod(core, batch_api, name: str, pod_finalizers: list[str]) -> None:
+    job = batch_api.create_namespaced_job(NS, {"metadata": {"name": name}, "spec": {"template": {"spec": {
+        "restartPolicy": "Never", "containers": [{"name": "w", "image": "i"}]}}}})
+    core.create_namespaced_pod(NS, {"metadata": {"name": f"{name}-pod", "finalizers": pod_finalizers,
+                                                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                                                                      "name": name, "uid": job.metadata.uid,
+                                                                      "controller": True,
+                                                                      "blockOwnerDeletion": True}]},
+                                    "spec": {"containers": [{"name": "w", "image": "i"}]}})
+
+
+def test_jobs_orphan_their_pods_unless_told_otherwise(kube_cluster: KubeCluster):
+    admin = kubernetes.config.new_client_from_config(str(kube_cluster.kubeconfig))
+    core, batch_api = kubernetes.client.CoreV1Api(admin), kubernetes.client.BatchV1Api(admin)
+    _job_with_pod(core, batch_api, "j1", [])
+    batch_api.delete_namespaced_job("j1", NS)  # batch/v1 default: orphan
+    assert core.read_namespaced_pod("j1-pod", NS).metadata.owner_references is None
+    _job_with_pod(core, batch_api, "j2", [])
+    batch_api.delete_namespaced_job("j2", NS, propagation_policy="Background")
+    with pytest.raises(ApiException) as gone:
+        core.read_namespaced_pod("j2-pod", NS)
+    assert gone.value.status == 404
+    admin.close()
+
+
+def test_foreground_deletion_keeps_the_owner_until_blocking_dependents_are_gone(kube_cluster: KubeCluster):
+    admin = kubernetes.config.new_client_from_config(str(kube_cluster.kubeconfig))
+    core, batch_api = kubernetes.client.CoreV1Api(admin), kubernetes.client.BatchV1Api(admin)
+    _job_with_pod(core, batch_api, "j", ["test/kubelet"])
+    batch_api.delete_namespaced_job("j", NS, propagation_policy="Foreground")
+    job = batch_api.read_namespaced_job("j", NS)
+    assert job.metadata.deletion_timestamp and "foregroundDeletion" in job.metadata.finalizers
+    pod = core.read_namespaced_pod("j-pod", NS)
+    assert pod.metadata.deletion_timestamp  # terminating, held by its own finalizer
+    core.patch_namespaced_pod("j-pod", NS, {"metadata": {"$deleteFromPrimitiveList/finalizers": ["test/kubelet"]}})
+    for read in (lambda: batch_api.read_namespaced_job("j", NS), lambda: core.read_namespaced_pod("j-pod", NS)):
+        with pytest.raises(ApiException) as gone:
+            read()
+        assert gone.value.status == 404
+    _job_with_pod(core, batch_api, "j3", [])
+    with pytest.raises(ApiException) as bad:
+        batch_api.delete_namespaced_job("j3", NS, propagation_policy="Sideways")
+    assert bad.value.status == 422
+    admin.close()
