@@ -1,6 +1,8 @@
-"""The emulator authenticates and authorizes over the wire as kube-apiserver does:
-HTTPS, bearer tokens of ServiceAccounts, RBAC from the Roles and bindings in the
-cluster, 403 Status bodies the official client and kubectl understand."""
+"""The emulator as kube-apiserver, over the wire: HTTPS, bearer tokens of
+ServiceAccounts, RBAC from the Roles and bindings in the cluster, 403 Status bodies the
+official client, kubectl and kopf understand; patch content types (strategic merge
+for built-ins, 415 for custom resources) and deletion propagation (Jobs orphan by
+default, foreground deletion waits for blocking dependents)."""
 
 from __future__ import annotations
 

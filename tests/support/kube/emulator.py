@@ -6,6 +6,11 @@ reactions such as `emulator['list batches'] << 500`). Its own `KubernetesEmulato
 objects as plain merged dicts, with no resourceVersion, no conflicts, no subresources,
 no selectors and no garbage collection, so this class replaces that layer with `Store`
 and serves CRUD, patches, watches and server-side tables (for `kubectl get`) itself.
+
+Every request is authenticated (bearer tokens: the admin's, ServiceAccounts') and
+authorized through the RBAC objects in the store before it is served (rbac.py), and
+recorded in `audit`; the server speaks HTTPS only (tls.py), as client-go sends tokens
+over TLS only.
 """
 
 from __future__ import annotations
