@@ -21,7 +21,7 @@ import pytest
 import yaml
 from api_server import chat_line, jsonl, serve
 from kube.harness import BATCH_API, ClusterEnv, wait_for
-from vbatch.api.kube_store import KubeBatchStore
+from vbatch.operator.cr_store import KubeBatchStore
 from vbatch.api.services import NoopRunner, Services
 from vbatch.core.ids import batch_object_name, new_batch_id
 from vbatch.core.keys import KeyStore
