@@ -26,7 +26,7 @@ from vbatch.api.services import NoopRunner, Services
 from vbatch.core.ids import batch_object_name, new_batch_id
 from vbatch.core.keys import KeyStore
 from vbatch.core.schemas import FilePurpose
-from vbatch.operator.builders import LABEL_PROJECT, project_label
+from vbatch.operator.builders import LABEL_BATCH, LABEL_PROJECT, project_label
 
 pytestmark = pytest.mark.cluster
 
@@ -135,7 +135,7 @@ def test_kubectl_applied_batch_is_listed_and_readable_for_its_project_only(clust
         with pytest.raises(openai.NotFoundError):
             theirs.files.content(done.output_file_id)
     labels = env.batch(batch_id)["metadata"]["labels"]
-    assert labels[LABEL_PROJECT] == project_label(project)
+    assert labels[LABEL_PROJECT] == project_label(project) and labels[LABEL_BATCH] == batch_object_name(batch_id)
     assert LABEL_VALUE.match(labels[LABEL_PROJECT]) and len(labels[LABEL_PROJECT]) <= 63
 
 
@@ -154,6 +154,7 @@ def test_a_kubectl_applied_batch_with_a_wrong_project_label_is_relabelled(cluste
         with pytest.raises(openai.NotFoundError):
             clients["team-b"].batches.retrieve(batch_id)
         wait_for(lambda: clients["team-a"].batches.retrieve(batch_id), lambda b: b.status == "completed", 60)
+    assert env.batch(batch_id)["metadata"]["labels"][LABEL_PROJECT] == project_label("team-a")
 
 
 def test_the_gateway_cannot_touch_jobs_and_the_operator_cannot_create_batches(cluster_env: ClusterEnv):
