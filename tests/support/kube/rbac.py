@@ -42,7 +42,6 @@ CLUSTER_ROLES = kmock.resource(RBAC_GROUP, "v1", "clusterroles")
 ROLE_BINDINGS = kmock.resource(RBAC_GROUP, "v1", "rolebindings")
 CLUSTER_ROLE_BINDINGS = kmock.resource(RBAC_GROUP, "v1", "clusterrolebindings")
 SERVICE_ACCOUNTS = kmock.resource("", "v1", "serviceaccounts")
-RBAC_KINDS = {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "ServiceAccount"}
 
 ANONYMOUS = "system:anonymous"
 MASTERS = "system:masters"
