@@ -84,8 +84,24 @@ class KubeBatchStore:
         # The API server drops status on create; the CR already exists in etcd, so a
         # crash before this write leaves a batch the operator validates itself.
         name = created["metadata"]["name"]
-        written = self._resources.patch_status(name, created["metadata"]["resourceVersion"], status_from_record(record))
-        record.revision = written["metadata"]["resourceVersion"]
+        revision = created["metadata"]["resourceVersion"]
+        for _ in range(CANCEL_ATTEMPTS):
+            try:
+                written = self._resources.patch_status(name, revision, status_from_record(record))
+                record.revision = written["metadata"]["resourceVersion"]
+                return
+            except StaleRecord:
+                # The operator's kopf adds its finalizer the moment it sees a new Batch, so
+                # the first status write often races a metadata change: retry on the new
+                # version, unless the operator already wrote a status (it validated it).
+                current = self._resources.get(name)
+                if current is None:
+                    raise
+                if (current.get("status") or {}).get("phase"):
+                    record.revision = current["metadata"]["resourceVersion"]
+                    return
+                revision = current["metadata"]["resourceVersion"]
+        raise StaleRecord(f"{record.id}: its first status write kept conflicting")
 
     def get(self, project: str, batch_id: str) -> BatchRecord | None:
         if not is_batch_id(batch_id):

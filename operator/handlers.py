@@ -98,6 +98,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # least privilege grants neither, and kopf retries a 403 for ~55 s before it falls
     # back to the same namespace list. Disabled, it uses discovery only (no RBAC needed).
     settings.scanning.disabled = True
+    # A deleted Batch keeps kopf's finalizer until its timers (tick, archive) exited;
+    # one still running when the deletion arrives (the archive timer deletes its own
+    # Batch) would otherwise be re-checked only after 60 s.
+    settings.background.cancellation_polling = 0.5
     memo.driver = build_driver()
     memo.archiver = BatchArchiver.from_settings(Settings())
 
