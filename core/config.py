@@ -82,7 +82,51 @@ class Settings(BaseSettings):
     step_retry_base_seconds: float = Field(default=1.0, ge=0)
     step_retry_max_seconds: float = Field(default=300.0, ge=0)
 
+    # Files: the shortest expires_after a client may ask for (OpenAI's is 3600 s; at
+    # most 30 days), and how often expired files are swept (gateway or operator).
+    file_expiry_min_seconds: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
+    expiry_sweep_seconds: float = Field(default=300.0, gt=0)
+    # Result (output and error) files live this long unless the batch's output_expires_after says.
+    output_retention_seconds: int = Field(default=30 * 24 * 3600, ge=1, le=30 * 24 * 3600)
+
+    # Webhooks: endpoints per project (single node: <data_dir>/webhooks.json; the chart
+    # mounts a Secret), private/loopback targets refused unless allowed, and for how
+    # long an undelivered event is retried (backoff) before it is dropped.
+    webhook_endpoints_file: Path | None = None
+    webhook_allow_private: bool = False
+    webhook_retry_seconds: float = Field(default=72 * 3600, gt=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    # First retry after this many seconds, doubling per attempt up to an hour.
+    webhook_backoff_seconds: float = Field(default=5.0, gt=0)
+
+    # The operator serves its metrics (of the work) on this port at /metrics.
+    operator_metrics_port: int = 8081
+
     limits: Limits = Field(default_factory=Limits)
+
+    # Gateway abuse limits (a slow, hostile or unlucky client must not take capacity
+    # from others). JSON bodies (create, cancel) are capped; uploads have their own cap.
+    max_json_body_bytes: int = 64 * 1024
+    # A request head (request line + headers) must arrive within this, and be at most
+    # max_header_bytes; otherwise 408/431 and the connection is closed.
+    header_timeout_seconds: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    # A request body that sends nothing for this long is cut off (408).
+    body_idle_timeout_seconds: float = 30.0
+    # ... and one that trickles: after the first body_idle_timeout_seconds, the body must
+    # average at least this many bytes per second (0 disables).
+    body_min_bytes_per_second: int = 1024
+    # Uploads streaming at once, in the whole gateway and per project; beyond them the
+    # gateway answers 503 / 429 with Retry-After instead of queueing. Uploads get
+    # their own pool of this many storage threads.
+    max_concurrent_uploads: int = 64
+    max_concurrent_uploads_per_project: int = 16
+    retry_after_seconds: int = 5
+    # Orphaned temporary files (writes killed mid-way) older than this are removed at
+    # start-up and then every tmp_cleanup_interval_seconds.
+    tmp_max_age_seconds: float = 3600.0
+    tmp_cleanup_interval_seconds: float = 600.0
 
     @property
     def storage_dir(self) -> Path:

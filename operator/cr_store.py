@@ -91,16 +91,14 @@ class KubeBatchStore:
                 record.revision = written["metadata"]["resourceVersion"]
                 return
             except StaleRecord:
-                # The operator's kopf adds its finalizer the moment it sees a new Batch, so
-                # the first status write often races a metadata change: retry on the new
-                # version, unless the operator already wrote a status (it validated it).
+                # The operator saw the new Batch first (kopf adds its finalizer at once).
                 current = self._resources.get(name)
                 if current is None:
                     raise
-                if (current.get("status") or {}).get("phase"):
-                    record.revision = current["metadata"]["resourceVersion"]
-                    return
                 revision = current["metadata"]["resourceVersion"]
+                if (current.get("status") or {}).get("phase"):
+                    record.revision = revision  # the operator validates it itself: same outcome
+                    return
         raise StaleRecord(f"{record.id}: its first status write kept conflicting")
 
     def get(self, project: str, batch_id: str) -> BatchRecord | None:

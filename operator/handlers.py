@@ -16,11 +16,13 @@ import os
 from typing import Any
 
 import kopf
+import prometheus_client
 from vbatch.core.config import Settings
 from vbatch.core.driver import Driver
 from vbatch.core.events import BatchEvents
 from vbatch.core.files import FileService
 from vbatch.core.ids import batch_id_from_object_name
+from vbatch.core.operations import Operations, build_operations
 from vbatch.core.schemas import TERMINAL_STATUSES
 from vbatch.core.storage import open_store
 from vbatch.operator.archive import BatchArchiver
@@ -57,12 +59,22 @@ def build_driver(settings: Settings | None = None, events: BatchEvents | None = 
     return Driver(
         settings=settings,
         store=store,
-        files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds),
+        files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
+                          output_retention_seconds=settings.output_retention_seconds),
         batches=KubeBatches(kube, settings),
         runtime=KubeRuntime(kube=kube, store=store, settings=settings, worker=load_worker_config(), model_gpus=gpus),
         served_models=served,
         events=events,
     )
+
+
+def build_operator_operations(settings: Settings) -> Operations:
+    """Metrics of the work (exported on settings.operator_metrics_port), the expiry
+    sweeper and the webhook deliverer (outbox in object storage)."""
+    store = open_store(settings)
+    files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
+                        output_retention_seconds=settings.output_retention_seconds)
+    return build_operations(settings, files, Kube(api_client("operator"), settings.namespace), cluster=True)
 
 
 def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:
@@ -102,8 +114,23 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # one still running when the deletion arrives (the archive timer deletes its own
     # Batch) would otherwise be re-checked only after 60 s.
     settings.background.cancellation_polling = 0.5
-    memo.driver = build_driver()
-    memo.archiver = BatchArchiver.from_settings(Settings())
+    app_settings = Settings()
+    memo.operations = build_operator_operations(app_settings)
+    memo.driver = build_driver(app_settings, memo.operations.events)
+    memo.archiver = BatchArchiver.from_settings(app_settings)
+    if app_settings.operator_metrics_port:  # 0: no metrics server
+        try:
+            prometheus_client.start_http_server(app_settings.operator_metrics_port)
+        except OSError as exc:  # a taken port must not stop the operator from working
+            log.error("metrics server on port %d failed: %s", app_settings.operator_metrics_port, exc)
+    memo.operations.start()
+
+
+@kopf.on.cleanup()
+def shut_down(memo: kopf.Memo, **_: Any) -> None:
+    operations = getattr(memo, "operations", None)
+    if operations is not None:
+        operations.stop()
 
 
 # --- triggers -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vbatch.core import lifecycle
+from vbatch.core import lifecycle, metrics
 from vbatch.core.runtime import ShardsSeen
 from vbatch.core.schemas import BatchRecord
 from vbatch.core.storage.base import ObjectStore
@@ -120,6 +120,7 @@ class LocalRuntime:
             if book is None:
                 return
             book.running.discard(task.shard)
+            metrics.shard_attempt(task.model, "succeeded" if result.finished else "stopped" if book.stopping else "failed")
             if result.finished:
                 book.succeeded.add(task.shard)
             elif not book.stopping:  # died, or stopped without finishing: one attempt spent

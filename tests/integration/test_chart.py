@@ -143,7 +143,7 @@ def test_custom_resources_are_well_formed(chart, value_set):
             jsonschema.validate(obj, peering_schema)
         if obj["kind"] == "ServiceMonitor":
             (endpoint,) = obj["spec"]["endpoints"]
-            assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+            assert endpoint["port"] in ("http", "metrics") and endpoint["path"] == "/metrics"
 
 
 def _builtin_kinds(objects):
@@ -171,7 +171,7 @@ def test_ingress_and_service_monitor_target_the_gateway(chart):
     assert backend["name"] == service["metadata"]["name"]
     assert backend["port"]["name"] == "http"
     assert ingress["spec"]["ingressClassName"] == "nginx"
-    monitor = one(objects, "ServiceMonitor")
+    monitor = one(objects, "ServiceMonitor", "-gateway")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert "https://vbatch.example.com" in notes
