@@ -26,7 +26,7 @@ from vbatch.core.operations import Operations, build_operations
 from vbatch.core.schemas import TERMINAL_STATUSES
 from vbatch.core.storage import open_store
 from vbatch.operator.archive import BatchArchiver
-from vbatch.operator.builders import GROUP, PLURAL, VERSION
+from vbatch.operator.builders import GROUP, PLURAL, VERSION, missing_labels
 from vbatch.operator.config import WorkerPodConfig
 from vbatch.operator.kube import Kube, api_client
 from vbatch.operator.kube_batches import KubeAnnouncer, KubeBatches
@@ -129,6 +129,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # `kubectl describe batch`; only its warnings and errors are posted.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = int(os.environ.get("VBATCH_OPERATOR_WATCH_TIMEOUT", "300"))
+    # The operator serves exactly its --namespace and the CRDs installed before it (the
+    # chart's crds/). kopf's scanning would list/watch Namespaces and CRDs cluster-wide;
+    # least privilege grants neither, and kopf retries a 403 for ~55 s before it falls
+    # back to the same namespace list. Disabled, it uses discovery only (no RBAC needed).
+    settings.scanning.disabled = True
+    # A deleted Batch keeps kopf's finalizer until its timers (tick, archive) exited;
+    # one still running when the deletion arrives (the archive timer deletes its own
+    # Batch) would otherwise be re-checked only after 60 s.
+    settings.background.cancellation_polling = 0.5
     app_settings = Settings()
     memo.operations = build_operator_operations(app_settings)
     memo.driver = build_driver(app_settings, memo.operations.events)
@@ -151,6 +160,13 @@ def shut_down(memo: kopf.Memo, **_: Any) -> None:
 # --- triggers -------------------------------------------------------------------------
 
 
+def _label(body: kopf.Body, patch: kopf.Patch) -> None:
+    # The API lists a project's batches by label; kubectl-applied ones arrive without.
+    missing = missing_labels(body.metadata.name, dict(body.spec), dict(body.metadata.labels))
+    if missing:
+        patch.metadata.setdefault("labels", {}).update(missing)
+
+
 def _step(name: str, spec: Any, memo: kopf.Memo) -> None:
     try:
         memo.driver.drive(spec.get("project", ""), batch_id_from_object_name(name))
@@ -163,7 +179,8 @@ def _step(name: str, spec: Any, memo: kopf.Memo) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec.cancelRequested")
-def on_change(name: str, spec: Any, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def on_change(name: str, spec: Any, body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
+    _label(body, patch)
     try:
         memo.archiver.index_batch(dict(body))  # kubectl-applied Batches are listed too
     except Exception:
