@@ -1,0 +1,479 @@
+"""Behaviour of the core that mutation testing found unchecked (issue 14).
+
+Each test states what a user of the service would notice if it broke: a batch
+that ends in the wrong status, a shard plan that ignores what was asked, a line
+refused at exactly the limit, usage miscounted, an error message that dumps a
+megabyte of user input.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import orjson
+import pytest
+from vbatch.core import lifecycle, merge, state
+from vbatch.core.config import Limits, Settings
+from vbatch.core.errors import StorageError
+from vbatch.core.files import FileService
+from vbatch.core.layout import part_key, shard_key
+from vbatch.core.merge import merge_shards, missing_result
+from vbatch.core.schemas import CHAT_COMPLETIONS, BatchStatus, FilePurpose
+from vbatch.core.sharding import estimate_tokens, normalized_lines, shard_count_for, write_shards
+from vbatch.core.storage.local import LocalObjectStore
+from vbatch.core.validation import validate_jsonl
+
+P = "proj"
+BOM = b"\xef\xbb\xbf"
+MODEL = "m"
+
+
+def request(custom_id: str, text: str = "hi", **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": CHAT_COMPLETIONS,
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": text}], **body}}
+
+
+def line(custom_id: str, text: str = "hi", **body) -> bytes:
+    return orjson.dumps(request(custom_id, text, **body))
+
+
+def ok_result(custom_id: str, usage: dict | None = None, body: dict | None = None) -> dict:
+    if body is None:
+        body = {"usage": usage} if usage is not None else {}
+    return {"id": f"batch_req_{custom_id}", "custom_id": custom_id, "error": None,
+            "response": {"status_code": 200, "request_id": "req_1", "body": body}}
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = LocalObjectStore(tmp_path / "store")
+    return store, FileService(store), Settings(data_dir=tmp_path)
+
+
+def new_batch(files: FileService, data: bytes, total: int):
+    f = files.create(P, iter([data]), filename=None, purpose=FilePurpose.BATCH)
+    return state.new_batch(project=P, input_file_id=f.id, endpoint=CHAT_COMPLETIONS, completion_window="24h",
+                           metadata=None, total=total, model=MODEL, window_seconds=60, now=1)
+
+
+def shard_ids(store, batch_id: str, shard: int) -> list[str]:
+    return [orjson.loads(x)["custom_id"] for x in store.get_bytes(shard_key(P, batch_id, shard)).splitlines()]
+
+
+def result_lines(files: FileService, file_id: str) -> list[dict]:
+    _, chunks = files.open(P, file_id)
+    return [orjson.loads(x) for x in b"".join(chunks).splitlines()]
+
+
+# --- 1. a one-shard batch whose only shard failed ends failed -----------------------
+
+
+def test_single_shard_batch_whose_shard_failed_ends_failed(env):
+    store, files, settings = env
+    record = lifecycle.launch(store, files, new_batch(files, line("a") + b"\n" + line("b"), total=2), settings)
+    assert record.shard_count == 1  # small batches have one shard
+    done = lifecycle.finish(store, files, record, missing_code="shard_failed", failed_shards=frozenset({0}), now=5)
+    assert done.status == BatchStatus.FAILED and done.failed_at == 5
+    assert done.request_counts.model_dump() == {"total": 2, "completed": 0, "failed": 2}
+    assert [e.code for e in done.errors.data] == ["shard_failed"]
+    assert {r["custom_id"]: r["error"]["code"] for r in result_lines(files, done.error_file_id)} == {
+        "a": "shard_failed", "b": "shard_failed"}
+
+
+def test_outcome_is_failed_only_when_every_shard_failed():
+    assert state.outcome_status(1, 1) == BatchStatus.FAILED
+    assert state.outcome_status(1, 0) == BatchStatus.COMPLETED
+    assert state.outcome_status(2, 1) == BatchStatus.COMPLETED
+    # nothing was run, so nothing failed (a batch finalized with no shards at all)
+    assert state.outcome_status(0, 0) == BatchStatus.COMPLETED
+
+
+# --- 2. the requested shard count is honoured -------------------------------------
+
+
+def test_requested_shard_count_wins_over_the_target_size():
+    # 100 requests fit one 2,000-request shard, but 4 were asked for
+    assert shard_count_for(100, target_requests=2000, max_shards=8) == 1
+    assert shard_count_for(100, target_requests=2000, max_shards=8, requested=4) == 4
+    assert shard_count_for(100, target_requests=10, max_shards=20, requested=3) == 3
+    # within bounds: never more than max_shards, never more shards than requests
+    assert shard_count_for(100, target_requests=2000, max_shards=8, requested=50) == 8
+    assert shard_count_for(2, target_requests=2000, max_shards=8, requested=5) == 2
+    # without a request: one shard per target_requests, rounded up
+    assert shard_count_for(4001, target_requests=2000, max_shards=8) == 3
+    assert shard_count_for(4000, target_requests=2000, max_shards=8) == 2
+    assert shard_count_for(0, target_requests=2000, max_shards=8) == 1
+    assert shard_count_for(5, target_requests=0, max_shards=8) == 5  # a zero target is one request per shard
+
+
+def test_launch_writes_the_requested_number_of_shards(env):
+    store, files, settings = env
+    ids = [f"r{i}" for i in range(6)]
+    record = new_batch(files, b"\n".join(line(c) for c in ids), total=6)
+    launched = lifecycle.launch(store, files, record, settings, requested=3)
+    assert launched.shard_count == 3
+    members = [shard_ids(store, record.id, s) for s in range(3)]
+    assert sorted(c for m in members for c in m) == ids and all(len(m) == 2 for m in members)
+    assert not store.exists(shard_key(P, record.id, 3))
+    capped = lifecycle.launch(store, files, record, settings, requested=5, max_shards=2)
+    assert capped.shard_count == 2
+
+
+# --- 3. the BOM is stripped before sharding ----------------------------------------
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4, 10, None])
+def test_bom_is_stripped_from_the_first_request_line(cut):
+    data = BOM + line("a") + b"\r\n\r\n" + line("b") + b"\n"
+    chunks = [data] if cut is None else [data[:cut], data[cut:]]
+    lines = list(normalized_lines(chunks))
+    assert [orjson.loads(x)["custom_id"] for x in lines] == ["a", "b"]
+    assert lines[0] == line("a")  # no BOM, no CR left on the line
+
+
+def test_bom_alone_on_the_first_line_is_a_blank_line():
+    assert list(normalized_lines([BOM + b"\n" + line("a")])) == [line("a")]
+    # only the file's first bytes are a BOM; a later line is passed on as is
+    assert list(normalized_lines([line("a") + b"\n" + BOM + b"x"])) == [line("a"), BOM + b"x"]
+
+
+def test_a_batch_whose_file_starts_with_a_bom_launches_and_merges(env):
+    store, files, settings = env
+    data = BOM + line("a") + b"\n" + line("b") + b"\n"
+    report = validate_jsonl([data], endpoint=CHAT_COMPLETIONS, served_models=None, limits=Limits())
+    assert report.ok and report.total == 2  # validation accepts the BOM ...
+    record = lifecycle.launch(store, files, new_batch(files, data, total=2), settings)
+    assert shard_ids(store, record.id, 0) == ["a", "b"]  # ... so sharding must strip it
+    done = lifecycle.finish(store, files, record, missing_code="batch_cancelled", now=3)
+    assert sorted(r["custom_id"] for r in result_lines(files, done.error_file_id)) == ["a", "b"]
+
+
+# --- 4. sharding balances by request size -----------------------------------------
+
+
+def test_sharding_balances_interleaved_sizes_that_round_robin_would_not(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    # big, small, big, small, ...: dealing lines out in turn would put every big
+    # request on shard 0; balancing by estimated tokens splits them
+    lines = [line(f"{kind}{i}", "x" * (40_000 if kind == "big" else 4), max_tokens=10)
+             for i in range(20) for kind in ("big", "small")]
+    estimated = write_shards(store, P, "b1", iter(lines), 2)
+    members = [shard_ids(store, "b1", s) for s in range(2)]
+    bigs = [sum(c.startswith("big") for c in m) for m in members]
+    assert bigs == [10, 10]
+    # what is returned is the estimate of what was written to each shard
+    by_id = {orjson.loads(x)["custom_id"]: estimate_tokens(orjson.loads(x)["body"]) for x in lines}
+    assert estimated == [sum(by_id[c] for c in m) for m in members]
+    assert max(estimated) < 1.1 * min(estimated)
+
+
+def test_sharding_spreads_equal_requests_evenly_and_writes_every_line(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    lines = [line(f"r{i}") for i in range(9)]
+    estimated = write_shards(store, P, "b2", iter(lines), 3)
+    members = [shard_ids(store, "b2", s) for s in range(3)]
+    assert [len(m) for m in members] == [3, 3, 3]
+    assert sorted(c for m in members for c in m) == sorted(f"r{i}" for i in range(9))
+    assert estimated == [3 * estimate_tokens(request("r")["body"])] * 3
+    # a shard with no requests is still written (every planned shard has an object)
+    assert write_shards(store, P, "b3", iter(lines[:1]), 2)[1] == 0
+    assert store.get_bytes(shard_key(P, "b3", 1)) == b""
+
+
+def test_estimate_tokens_reads_prompt_length_completion_budget_and_choices():
+    def est(**body):
+        return estimate_tokens(body)
+
+    text = "abcd" * 10  # 40 characters: 10 tokens, plus 4 per message
+    assert est(messages=[{"content": text}], max_tokens=5) == 10 + 4 + 5
+    assert est(messages=[{"content": text}], max_tokens=5, n=3) == 14 + 15
+    assert est(messages=[{"content": text}], max_completion_tokens=7, max_tokens=5) == 14 + 7
+    assert est(messages=[{"content": text}]) == 14 + 256  # no budget: the default guess
+    assert est(messages=[{"content": text}], max_tokens="lots") == 14 + 256  # never raises
+    assert est(messages=[{"content": text}], n=None, max_tokens=1) == 14 + 1
+    # content as parts: only the text parts count
+    parts = [{"type": "text", "text": "abcd" * 3}, {"type": "image_url", "image_url": {}}, "junk", {"text": 5}]
+    assert est(messages=[{"content": parts}], max_tokens=1) == 3 + 4 + 1
+    assert est(messages=[{"content": None}, "not a message"], max_tokens=1) == 8 + 1
+    assert est(messages="not a list", max_tokens=1) == 1
+    assert estimate_tokens(["not", "a", "dict"]) == 256
+    assert est(messages=[{"content": "abc"}], max_tokens=1) == 0 + 4 + 1  # 3 characters round down
+
+
+# --- 5. usage in the merge: cached tokens, and results without usage ---------------
+
+
+def write_part(store, batch_id, shard, k, results):
+    store.put_bytes(part_key(P, batch_id, shard, k), b"".join(orjson.dumps(r) + b"\n" for r in results))
+
+
+def test_merge_sums_cached_tokens_and_defaults_missing_usage_to_zero(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    ids = ["a", "b", "c", "d", "e"]
+    write_shards(store, P, "b1", (line(c) for c in ids), 1)
+    write_part(store, "b1", 0, 0, [
+        ok_result("a", {"prompt_tokens": 10, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 6}}),
+        ok_result("b", {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 2}}),
+        ok_result("c", {"prompt_tokens": 1, "completion_tokens": None, "prompt_tokens_details": None}),
+        ok_result("d", body={}),  # no usage at all
+        ok_result("e", body=None),  # no body at all
+    ])
+    merged = merge_shards(store, P, "b1", 1)
+    try:
+        assert merged.counts.model_dump() == {"total": 5, "completed": 5, "failed": 0}
+        usage = merged.usage
+        assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (16, 5, 21)
+        assert usage.input_tokens_details.cached_tokens == 8
+    finally:
+        merged.close()
+
+
+def test_finish_reports_the_merged_usage_on_the_batch(env):
+    store, files, settings = env
+    record = lifecycle.launch(store, files, new_batch(files, line("a") + b"\n" + line("b"), total=2), settings)
+    write_part(store, record.id, 0, 0, [
+        ok_result("a", {"prompt_tokens": 7, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4}}),
+        ok_result("b", body={}),
+    ])
+    done = lifecycle.finish(store, files, record, missing_code="shard_failed", now=4)
+    assert done.status == BatchStatus.COMPLETED
+    assert (done.usage.input_tokens, done.usage.output_tokens, done.usage.total_tokens) == (7, 3, 10)
+    assert done.usage.input_tokens_details.cached_tokens == 4
+
+
+# --- 6. the error line of a request that never ran -----------------------------------
+
+
+@pytest.mark.parametrize(("code", "words"), [
+    ("batch_cancelled", "cancelled"), ("batch_expired", "completion window"), ("shard_failed", "failed")])
+def test_error_line_for_a_request_that_never_ran(tmp_path, code, words):
+    store = LocalObjectStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b")), 1)
+    merged = merge_shards(store, P, "b1", 1, missing_code=code)
+    try:
+        assert merged.output.read() == b""
+        errors = [orjson.loads(x) for x in merged.errors.read().splitlines()]
+    finally:
+        merged.close()
+    assert [e["custom_id"] for e in errors] == ["a", "b"]
+    for e in errors:
+        assert e["response"] is None
+        assert e["error"]["code"] == code
+        assert words in e["error"]["message"] and e["error"]["message"] != code
+        assert e["id"].startswith("batch_req_") and len(e["id"]) > len("batch_req_")
+    assert errors[0]["id"] != errors[1]["id"]  # every result line has its own id
+
+
+def test_an_unknown_reason_is_its_own_message():
+    result = missing_result("x", "engine_gone")
+    assert result["error"] == {"code": "engine_gone", "message": "engine_gone"}
+    assert result["custom_id"] == "x" and result["response"] is None
+
+
+# --- 7. the line-size boundary ---------------------------------------------------------
+
+
+def padded(custom_id: str, size: int) -> bytes:
+    """A valid request line of exactly `size` bytes."""
+    bare = line(custom_id, "")
+    out = line(custom_id, "x" * (size - len(bare)))
+    assert len(out) == size
+    return out
+
+
+LIMIT = 300
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, LIMIT - 1, LIMIT, LIMIT + 1, LIMIT + 2, 5000])
+@pytest.mark.parametrize("last_newline", [True, False])
+def test_a_line_of_exactly_max_line_bytes_is_accepted(chunk, last_newline):
+    data = padded("a", LIMIT) + b"\n" + padded("b", LIMIT) + b"\n" + padded("c", LIMIT) + (b"\n" if last_newline else b"")
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    report = validate_jsonl(pieces, endpoint=CHAT_COMPLETIONS, served_models=None, limits=Limits(max_line_bytes=LIMIT))
+    assert report.ok, report.problems
+    assert report.total == 3
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, LIMIT - 1, LIMIT, LIMIT + 1, LIMIT + 2, 5000])
+@pytest.mark.parametrize("where", [1, 2, 3])
+@pytest.mark.parametrize("last_newline", [True, False])
+def test_a_line_one_byte_over_max_line_bytes_is_refused(chunk, where, last_newline):
+    lines = [padded(c, LIMIT + 1 if n == where else LIMIT) for n, c in enumerate("abc", 1)]
+    data = b"\n".join(lines) + (b"\n" if last_newline else b"")
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    report = validate_jsonl(pieces, endpoint=CHAT_COMPLETIONS, served_models=None, limits=Limits(max_line_bytes=LIMIT))
+    assert [(p.code, p.line) for p in report.problems] == [("line_too_large", where)]
+    assert str(LIMIT) in report.problems[0].message
+    assert report.total == 3
+
+
+def test_a_bom_does_not_count_towards_the_first_line():
+    data = BOM + padded("a", LIMIT) + b"\n"
+    report = validate_jsonl([data[:2], data[2:]], endpoint=CHAT_COMPLETIONS, served_models=None,
+                            limits=Limits(max_line_bytes=LIMIT))
+    assert report.ok and report.total == 1
+
+
+# --- 8. what counts as a success; a merge that fails ---------------------------------
+
+
+def test_a_result_with_status_200_and_an_error_is_a_failure(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b", "c", "d")), 1)
+    contradictory = ok_result("a", {"prompt_tokens": 9, "completion_tokens": 9})
+    contradictory["error"] = {"code": "engine_error", "message": "boom"}
+    no_body = {"id": "batch_req_b", "custom_id": "b", "response": "200", "error": None}  # not an object
+    server_error = ok_result("c")
+    server_error["response"]["status_code"] = 500
+    write_part(store, "b1", 0, 0, [contradictory, no_body, server_error, ok_result("d", {"prompt_tokens": 1})])
+    merged = merge_shards(store, P, "b1", 1)
+    try:
+        out = [orjson.loads(x)["custom_id"] for x in merged.output.read().splitlines()]
+        err = [orjson.loads(x)["custom_id"] for x in merged.errors.read().splitlines()]
+    finally:
+        merged.close()
+    assert (out, err) == (["d"], ["a", "b", "c"])
+    assert merged.counts.model_dump() == {"total": 4, "completed": 1, "failed": 3}
+    assert merged.usage.input_tokens == 1  # a failed result's usage is not counted
+
+
+def test_result_lines_are_written_as_read_one_per_line(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b")), 1)
+    raw_a = b'{"custom_id": "a",   "id": "batch_req_a", "error": null, "response": {"status_code": 200, "body": {}}}'
+    raw_b = orjson.dumps(ok_result("b"))
+    store.put_bytes(part_key(P, "b1", 0, 0), raw_a + b"\r\n\n" + raw_b)  # CRLF, a blank line, no final newline
+    merged = merge_shards(store, P, "b1", 1)
+    try:
+        assert merged.output.read() == raw_a + b"\n" + raw_b + b"\n"
+    finally:
+        merged.close()
+
+
+class FailingStore(LocalObjectStore):
+    """A store that goes away while results are read."""
+
+    def get_stream(self, key, chunk_size=1 << 20):
+        if "/results/" in key:
+            raise StorageError("object storage unreachable")
+        return super().get_stream(key, chunk_size)
+
+
+def test_a_merge_that_fails_raises_and_leaves_no_open_spool(tmp_path, monkeypatch):
+    store = FailingStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b")), 1)
+    write_part(store, "b1", 0, 0, [ok_result("a")])
+    spools, real = [], tempfile.TemporaryFile
+
+    def tracked(*args, **kwargs):
+        spools.append(real(*args, **kwargs))
+        return spools[-1]
+
+    monkeypatch.setattr(merge.tempfile, "TemporaryFile", tracked)
+    with pytest.raises(StorageError):  # the driver retries the finalize; no half-merged result
+        merge_shards(store, P, "b1", 1)
+    assert len(spools) == 2 and all(s.closed for s in spools)
+
+
+def test_a_finalize_whose_merge_fails_does_not_end_the_batch(tmp_path):
+    store = FailingStore(tmp_path / "s")
+    files = FileService(store)
+    record = lifecycle.launch(store, files, new_batch(files, line("a"), total=1), Settings(data_dir=tmp_path))
+    write_part(store, record.id, 0, 0, [ok_result("a")])
+    with pytest.raises(StorageError):
+        lifecycle.finish(store, files, record, missing_code="shard_failed", now=3)
+    assert files.list(P, purpose="batch_output")[0] == []
+
+
+# --- 9. early stops, and what `total` counts --------------------------------------------
+
+
+class Recorded:
+    """Chunks of a file, counting how many were read."""
+
+    def __init__(self, lines: list[bytes]):
+        self.lines, self.read = lines, 0
+
+    def __iter__(self):
+        for x in self.lines:
+            self.read += 1
+            yield x + b"\n"
+
+
+def check(chunks, **limits):
+    return validate_jsonl(chunks, endpoint=CHAT_COMPLETIONS, served_models=None, limits=Limits(**limits))
+
+
+def test_reading_stops_at_the_first_request_over_the_limit():
+    chunks = Recorded([line("a"), line("b"), line("c")] + [b"not json"] * 50)
+    report = check(chunks, max_requests_per_batch=2)
+    assert [(p.code, p.line) for p in report.problems] == [("too_many_requests", 3)]
+    assert "more than 2 requests" in report.problems[0].message
+    assert chunks.read == 3  # nothing after the line over the limit is read
+    assert report.total == 3  # what was read
+
+
+@pytest.mark.parametrize("broken", [b"not json", b"\xff\xfe", b"[1]", "too large"])
+def test_broken_lines_count_towards_the_request_limit(broken):
+    bad = b"q" * 400 if broken == "too large" else broken
+    at_limit = check(iter([bad + b"\n", line("a") + b"\n"]), max_requests_per_batch=2, max_line_bytes=300)
+    assert "too_many_requests" not in [p.code for p in at_limit.problems]
+    assert at_limit.total == 2
+    over = check(iter([bad + b"\n", line("a") + b"\n", bad + b"\n"]), max_requests_per_batch=2, max_line_bytes=300)
+    assert ("too_many_requests", 3) in [(p.code, p.line) for p in over.problems]
+    assert over.total == 3
+
+
+def test_blank_lines_do_not_count_towards_the_request_limit():
+    report = check(iter([line("a") + b"\n", b"\n", b"   \n", line("b") + b"\n"]), max_requests_per_batch=2)
+    assert report.ok and report.total == 2
+
+
+def test_reading_stops_once_enough_problems_are_found():
+    lines = [orjson.dumps(request("a") | {"method": "GET"}), b"{oops", b"[]",
+             orjson.dumps(request("b") | {"url": "/v1/x"}), line("c", stream=True)]
+    chunks = Recorded(lines + [line(f"ok{i}") for i in range(100)])
+    report = check(chunks)
+    assert len(report.problems) == 5
+    assert chunks.read == 5 and report.total == 5
+
+
+def test_a_file_of_only_broken_lines_is_not_called_empty():
+    report = check(iter([b"not json\n"]))
+    assert [p.code for p in report.problems] == ["invalid_json"] and report.total == 1
+
+
+# --- 10. user values in messages are cut to 80 characters ------------------------------
+
+
+def test_long_user_values_are_cut_in_error_messages():
+    long_id = "i" * 1000
+    report = check(iter([line(long_id) + b"\n", line(long_id) + b"\n"]))
+    message = report.problems[0].message
+    assert report.problems[0].code == "duplicate_custom_id"
+    shown = "'" + "i" * 76 + "..."  # repr cut to 77 characters plus an ellipsis: 80 in all
+    assert shown in message and "i" * 77 not in message
+    assert len(message) < 200
+
+
+def test_a_user_value_of_exactly_80_characters_is_shown_whole():
+    exact = "e" * 78  # its repr, quotes included, is 80 characters
+    report = check(iter([line(exact) + b"\n", line(exact) + b"\n"]))
+    assert f"'{exact}'" in report.problems[0].message
+    over = "o" * 79
+    report = check(iter([line(over) + b"\n", line(over) + b"\n"]))
+    assert "'" + "o" * 76 + "..." in report.problems[0].message and over not in report.problems[0].message
+
+
+@pytest.mark.parametrize(("field", "value", "code"), [
+    ("method", "G" * 500, "invalid_method"), ("url", "/" + "u" * 500, "mismatched_url")])
+def test_long_method_and_url_are_cut_too(field, value, code):
+    report = check(iter([orjson.dumps(request("a") | {field: value}) + b"\n"]))
+    problem = report.problems[0]
+    assert problem.code == code and "..." in problem.message and value not in problem.message
+
+
+def test_long_model_names_are_cut_in_model_messages():
+    served = ("m",)
+    report = validate_jsonl([line("a", model="z" * 300)], endpoint=CHAT_COMPLETIONS, served_models=served, limits=Limits())
+    assert report.problems[0].code == "model_not_found" and "z" * 100 not in report.problems[0].message
