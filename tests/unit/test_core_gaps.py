@@ -99,6 +99,7 @@ def test_requested_shard_count_wins_over_the_target_size():
     # within bounds: never more than max_shards, never more shards than requests
     assert shard_count_for(100, target_requests=2000, max_shards=8, requested=50) == 8
     assert shard_count_for(2, target_requests=2000, max_shards=8, requested=5) == 2
+    assert shard_count_for(1, target_requests=2000, max_shards=8, requested=5) == 1
     # without a request: one shard per target_requests, rounded up
     assert shard_count_for(4001, target_requests=2000, max_shards=8) == 3
     assert shard_count_for(4000, target_requests=2000, max_shards=8) == 2
@@ -195,6 +196,7 @@ def test_estimate_tokens_reads_prompt_length_completion_budget_and_choices():
     parts = [{"type": "text", "text": "abcd" * 3}, {"type": "image_url", "image_url": {}}, "junk", {"text": 5}]
     assert est(messages=[{"content": parts}], max_tokens=1) == 3 + 4 + 1
     assert est(messages=[{"content": None}, "not a message"], max_tokens=1) == 8 + 1
+    assert est(messages=[{"content": None}] * 4, max_tokens=1) == 16 + 1  # no text: no characters
     assert est(messages="not a list", max_tokens=1) == 1
     assert estimate_tokens(["not", "a", "dict"]) == 256
     assert est(messages=[{"content": "abc"}], max_tokens=1) == 0 + 4 + 1  # 3 characters round down
@@ -416,10 +418,11 @@ def test_reading_stops_at_the_first_request_over_the_limit():
 @pytest.mark.parametrize("broken", [b"not json", b"\xff\xfe", b"[1]", "too large"])
 def test_broken_lines_count_towards_the_request_limit(broken):
     bad = b"q" * 400 if broken == "too large" else broken
-    at_limit = check(iter([bad + b"\n", line("a") + b"\n"]), max_requests_per_batch=2, max_line_bytes=300)
+    # the broken line is the limit's last request: still within the limit
+    at_limit = check(iter([line("a") + b"\n", bad + b"\n"]), max_requests_per_batch=2, max_line_bytes=300)
     assert "too_many_requests" not in [p.code for p in at_limit.problems]
     assert at_limit.total == 2
-    over = check(iter([bad + b"\n", line("a") + b"\n", bad + b"\n"]), max_requests_per_batch=2, max_line_bytes=300)
+    over = check(iter([line("a") + b"\n", bad + b"\n", bad + b"\n"]), max_requests_per_batch=2, max_line_bytes=300)
     assert ("too_many_requests", 3) in [(p.code, p.line) for p in over.problems]
     assert over.total == 3
 
@@ -477,3 +480,105 @@ def test_long_model_names_are_cut_in_model_messages():
     served = ("m",)
     report = validate_jsonl([line("a", model="z" * 300)], endpoint=CHAT_COMPLETIONS, served_models=served, limits=Limits())
     assert report.problems[0].code == "model_not_found" and "z" * 100 not in report.problems[0].message
+
+
+# --- found by `make mutation` after the gaps above were closed ------------------------
+
+
+def test_sharding_leaves_no_open_spool(tmp_path, monkeypatch):
+    from vbatch.core import sharding
+
+    spools, real = [], tempfile.TemporaryFile
+
+    def tracked(*args, **kwargs):
+        spools.append(real(*args, **kwargs))
+        return spools[-1]
+
+    monkeypatch.setattr(sharding.tempfile, "TemporaryFile", tracked)
+    write_shards(LocalObjectStore(tmp_path), P, "b1", iter([line("a"), line("b")]), 3)
+    assert len(spools) == 3 and all(s.closed for s in spools)
+
+
+def test_missing_request_messages_are_sentences_that_say_why():
+    for code, start in [("batch_cancelled", "The batch was cancelled"), ("batch_expired", "The batch's completion window"),
+                        ("shard_failed", "The worker running this request failed")]:
+        message = missing_result("x", code)["error"]["message"]
+        assert message.startswith(start) and message.endswith(" before this request ran." if code != "shard_failed"
+                                                                else " past its retry budget.")
+
+
+def test_merge_defaults_to_shard_failed_and_tolerates_a_missing_shard_object(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b")), 1)
+    # shard 1 was never written (its working data is gone): it contributes no lines
+    merged = merge_shards(store, P, "b1", 2)
+    try:
+        errors = [orjson.loads(x) for x in merged.errors.read().splitlines()]
+    finally:
+        merged.close()
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("a", "shard_failed"), ("b", "shard_failed")]
+    assert merged.counts.total == 2
+
+
+def test_problem_messages_say_what_is_wrong():
+    """The text users read in errors.data and the 400, per rule (after `line N: `)."""
+    cases = [
+        (b'{"custom_id": "b\xff"}', "invalid_encoding", "file is not valid UTF-8."),
+        (b"not json", "invalid_json", "line is not valid JSON."),
+        (b"[1]", "invalid_line", "each line must be a JSON object."),
+        (orjson.dumps(request("a") | {"custom_id": ""}), "invalid_custom_id", "custom_id must be a non-empty string."),
+        (orjson.dumps(request("a") | {"body": [1]}), "invalid_body", "body must be a JSON object."),
+        (line("a", stream=True), "unsupported_stream", "streaming is not supported in batches (body.stream)."),
+        (orjson.dumps(request("a") | {"body": {"messages": []}}), "missing_model",
+         "body.model is required and must be a non-empty string."),
+        (orjson.dumps(request("a") | {"method": "GET"}), "invalid_method", "method must be 'POST', got 'GET'."),
+        (orjson.dumps(request("a") | {"url": "/v1/x"}), "mismatched_url",
+         f"url '/v1/x' does not match the batch endpoint '{CHAT_COMPLETIONS}'."),
+    ]
+    for data, code, text in cases:
+        problem = check(iter([line("ok") + b"\n", data + b"\n"])).problems[0]
+        assert (problem.code, problem.message) == (code, f"line 2: {text}"), data
+    empty = check(iter([b"\n"])).problems[0]
+    assert (empty.code, empty.message, empty.line) == ("empty_file", "The input file is empty: it has no requests.", None)
+
+
+@pytest.mark.parametrize("custom_id", [17, "", None, ["x"]])
+def test_invalid_custom_ids_are_not_also_called_duplicates(custom_id):
+    bad = orjson.dumps(request("a") | {"custom_id": custom_id})
+    report = check(iter([bad + b"\n", bad + b"\n", line("ok") + b"\n"]))
+    assert "duplicate_custom_id" not in [p.code for p in report.problems]
+    assert report.total == 3
+
+
+@pytest.mark.parametrize("bad", [orjson.dumps(request("a") | {"body": ["x"]}),
+                                 orjson.dumps(request("a") | {"body": {"messages": []}})])
+def test_a_line_with_a_bad_body_does_not_end_validation(bad):
+    """Lines after a bad body or a missing model are still read and checked."""
+    report = check(iter([bad + b"\n", line("b") + b"\n", orjson.dumps(request("c") | {"method": "GET"}) + b"\n"]))
+    assert report.total == 3
+    assert ("invalid_method", 3) in [(p.code, p.line) for p in report.problems]
+
+
+def test_chunks_may_be_any_bytes_like_object():
+    data = line("a") + b"\n" + line("b") + b"\n" + b"not json\n"
+    for kind in (bytearray, memoryview):
+        pieces = [kind(data[i : i + 10]) for i in range(0, len(data), 10)]
+        report = check(iter(pieces))
+        assert report.total == 3 and [(p.code, p.line) for p in report.problems] == [("invalid_json", 3)]
+
+
+def test_a_chunk_that_starts_with_a_blank_line_keeps_line_numbers():
+    chunks = [line("a") + b"\n", b"\n", b"\nnot json\n"]  # lines 2 and 3 blank, line 4 broken
+    assert [(p.code, p.line) for p in check(iter(chunks)).problems] == [("invalid_json", 4)]
+
+
+def test_the_400_leads_with_the_first_problem_and_lists_the_others():
+    from vbatch.core.errors import InvalidRequest
+    from vbatch.core.validation import raise_for_report
+
+    report = check(iter([b"not json\n", b"[1]\n", orjson.dumps(request("c") | {"method": "GET"}) + b"\n"]))
+    with pytest.raises(InvalidRequest) as info:
+        raise_for_report(report)
+    assert info.value.envelope()["error"]["message"] == (
+        "line 1: line is not valid JSON. (also: line 2: each line must be a JSON object.; "
+        "line 3: method must be 'POST', got 'GET'.)")
