@@ -237,7 +237,7 @@ def main() -> int:
     started = time.monotonic()
     equivalents = load_equivalents()
     trees = {m: ast.parse((REPO / m).read_text(), m) for m in modules}
-    mutants = [mu for m in modules for mu in module_mutants(m, trees[m])]
+    mutants = every = [mu for m in modules for mu in module_mutants(m, trees[m])]
     if args.survivors:
         last = json.loads(DETAILS.read_text())
         again = {s["id"] for info in last["modules"].values() for s in info["survivors"]}
@@ -282,7 +282,7 @@ def main() -> int:
             "survivors": [{"id": mu.id, "line": mu.line, "verdict": verdicts[mu.id]} for mu in survivors],
             "listed_equivalent_but_killed": stale,
         }
-    known = {mu.id for mu in mutants}
+    known = {mu.id for mu in every}
     unknown = sorted(i for i in equivalents if i.split("::", 1)[0] in modules and i not in known)
     minutes = round((time.monotonic() - started) / 60, 1)
 
