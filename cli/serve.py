@@ -44,7 +44,7 @@ def served_models(settings: Settings, engine: str) -> Collection[str] | None:
     """The catalog's model ids; None (any id) for the echo test engine."""
     if engine == "echo":
         return None
-    from vbatch.worker.catalog import load_catalog
+    from vbatch.core.catalog import load_catalog
     from vbatch.worker.models import DEMO_MODEL_ID, prepare_demo_model
 
     catalog = load_catalog(settings.model_catalog, settings.data_dir)
@@ -78,9 +78,11 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
     files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds)
     keys = KeyStore(settings.api_keys_file or settings.data_dir / "api_keys")
     if settings.batch_store == "kubernetes":
-        from vbatch.api.kube_store import KubeBatchStore
+        from vbatch.operator.cr_store import KubeBatchStore
 
-        return Services(settings=settings, files=files, batches=KubeBatchStore.from_settings(settings), keys=keys,
+        # The gateway gets the operator's store of Batch resources: cli is where rooms meet.
+        batches = KubeBatchStore.from_settings(settings, store)
+        return Services(settings=settings, files=files, batches=batches, keys=keys,
                         runner=NoopRunner(), served_models=served_models(settings, engine)), None
 
     from vbatch.core.sqlite_store import SqliteBatchStore

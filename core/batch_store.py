@@ -1,7 +1,7 @@
 """Where batch records live: the protocol both modes implement.
 
 Single-node mode: `vbatch.core.sqlite_store.SqliteBatchStore` (durable, WAL).
-Cluster mode: `vbatch.api.kube_store.KubeBatchStore` (Batch custom resources).
+Cluster mode: `vbatch.operator.cr_store.KubeBatchStore` (Batch custom resources).
 Records are returned as copies; callers change them and `save` them back.
 """
 

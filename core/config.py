@@ -44,12 +44,15 @@ class Settings(BaseSettings):
     # Batch state: SQLite under data_dir (single-node) or Batch custom resources.
     batch_store: Literal["sqlite", "kubernetes"] = "sqlite"
     namespace: str = "default"
+    # Cluster mode: a terminal Batch resource this many seconds past its end moves out of
+    # etcd into the archive in object storage (the API still returns it); 0 keeps them all.
+    batch_retention_seconds: int = Field(default=7 * 24 * 3600, ge=0)
 
     # Engine: "auto" picks vLLM when importable, else refuses; "echo" is the test engine.
     engine: str = "auto"
     # Echo test engine only: simulated seconds per generated token (tests, benchmarks).
     echo_delay_per_token: float = 0.0
-    # Model catalog file (YAML or JSON); see vbatch.worker.catalog.
+    # Model catalog file (YAML or JSON); see vbatch.core.catalog.
     model_catalog: Path | None = None
 
     # API keys: single-node keeps hashes in data_dir; clusters mount a file of hashes.

@@ -18,6 +18,7 @@ from vbatch.core.config import Settings
 from vbatch.core.files import FileService
 from vbatch.core.schemas import TERMINAL_STATUSES
 from vbatch.core.storage import open_store
+from vbatch.operator.archive import BatchArchiver
 from vbatch.operator.builders import GROUP, PLURAL, VERSION
 from vbatch.operator.config import WorkerPodConfig
 from vbatch.operator.kube import Kube, api_client
@@ -29,6 +30,8 @@ log = logging.getLogger("vbatch.operator")
 # counts are, and how soon a finished Job is noticed. Read once, at import, because
 # kopf takes it from the decorator.
 INTERVAL = float(os.environ.get("VBATCH_OPERATOR_INTERVAL", "3"))
+# Seconds between archive checks of a finished batch (its retention is a setting).
+ARCHIVE_INTERVAL = float(os.environ.get("VBATCH_ARCHIVE_INTERVAL", "60"))
 FINALIZER = "vbatch.dev/working-data"
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 
@@ -59,7 +62,7 @@ def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:
     engine serves any id, and asks for the GPUs the worker config says."""
     if settings.engine == "echo":
         return None, {}
-    from vbatch.worker.catalog import load_catalog
+    from vbatch.core.catalog import load_catalog
 
     catalog = load_catalog(settings.model_catalog, settings.data_dir)
     return catalog.ids(), {m.id: m.gpus_per_replica for m in catalog.models}
@@ -83,6 +86,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = int(os.environ.get("VBATCH_OPERATOR_WATCH_TIMEOUT", "300"))
     memo.reconciler = build_reconciler()
+    memo.archiver = BatchArchiver.from_settings(Settings())
 
 
 # --- triggers -------------------------------------------------------------------------
@@ -99,7 +103,11 @@ def _step(name: str, memo: kopf.Memo) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec.cancelRequested")
-def on_change(name: str, memo: kopf.Memo, **_: Any) -> None:
+def on_change(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        memo.archiver.index_batch(dict(body))  # kubectl-applied Batches are listed too
+    except Exception:
+        log.exception("batch %s: could not index it; retrying on the next change", name)
     _step(name, memo)
 
 
@@ -111,6 +119,18 @@ def _needs_attention(status: dict[str, Any], **_: Any) -> bool:
 @kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, when=_needs_attention)
 def tick(name: str, memo: kopf.Memo, **_: Any) -> None:
     _step(name, memo)
+
+
+def _archivable(status: dict[str, Any], **_: Any) -> bool:
+    return status.get("phase") in _TERMINAL and not status.get("jobName")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=ARCHIVE_INTERVAL, when=_archivable)
+def archive(name: str, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        memo.archiver.archive_if_due(name)
+    except Exception:
+        log.exception("batch %s: archiving failed; retrying on the next tick", name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

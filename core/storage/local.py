@@ -8,6 +8,7 @@ listed; a crash may leave one behind, which `list` ignores.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import os
@@ -194,7 +195,7 @@ class LocalObjectStore:
                 return
             directory = directory.parent
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def list(self, prefix: str, *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
         if "\x00" in prefix or "\\" in prefix or prefix.startswith("/"):
             raise ValueError(f"invalid key prefix {prefix!r}")
         # Walk only the deepest directory the prefix names; filter the rest.
@@ -218,7 +219,9 @@ class LocalObjectStore:
         except OSError as exc:
             raise _storage_error("list", prefix, exc) from exc
         keys.sort()
-        return iter(keys)
+        if start_after is not None:
+            keys = keys[bisect.bisect_right(keys, start_after):]
+        return iter(keys if limit is None else keys[:limit])
 
     def delete_prefix(self, prefix: str) -> None:
         for key in list(self.list(prefix)):

@@ -475,7 +475,7 @@ def test_catalog_lists_models_with_their_gpu_counts(chart, monkeypatch, tmp_path
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_catalog_loads_with_the_catalog_loader_components_use(chart, value_set, tmp_path):
-    from vbatch.worker.catalog import load_catalog
+    from vbatch.core.catalog import load_catalog
 
     values = VALUE_SETS[value_set]
     catalog_text = one(render(chart, values)[0], "ConfigMap", "-config")["data"]["catalog.yaml"]

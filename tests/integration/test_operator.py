@@ -120,7 +120,7 @@ def test_applied_batch_with_unknown_file_fails(cluster_env: ClusterEnv):
 
 
 def test_input_deleted_before_launch_fails_the_batch(cluster_env: ClusterEnv):
-    from vbatch.api.kube_store import KubeBatchStore
+    from vbatch.operator.cr_store import KubeBatchStore
     from vbatch.core import state
 
     env = cluster_env

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vbatch.core import state
 from vbatch.core.ids import new_batch_id
+from vbatch.core.projects import PROJECT_ID_PATTERN
 from vbatch.core.schemas import (
     BatchErrorItem,
     BatchErrors,
@@ -60,11 +61,19 @@ def test_batch_resource_names_labels_and_spec():
     assert obj["status"]["requestCounts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
-def test_project_label_is_sanitised_but_spec_keeps_the_raw_name():
-    obj = build_batch_resource(record(project="Team A/ß"), "ns")
+def test_a_64_char_project_gets_a_hashed_label_but_spec_keeps_the_id():
+    project = "p" * 64  # a valid project id, one char longer than a label value may be
+    obj = build_batch_resource(record(project=project), "ns")
     label = obj["metadata"]["labels"]["vbatch.dev/project"]
-    assert obj["spec"]["project"] == "Team A/ß"
-    assert label.startswith("Team-A-") and len(label) <= 63
+    assert obj["spec"]["project"] == project
+    assert label.startswith("p" * 40) and len(label) <= 63 and label != project
+    assert builders.project_label(project) == label
+
+
+@pytest.mark.parametrize("project", ["Team A", "a/b", "../x", "", "-lead", "x" * 65])
+def test_a_record_with_an_invalid_project_id_builds_no_resource(project):
+    with pytest.raises(ValueError, match="project"):
+        build_batch_resource(record(project=project), "ns")
 
 
 @pytest.mark.parametrize("raw", ["ok", "a.b_c-d", "", "-x-", "x" * 63, "x" * 64, "ü", "a b", "..."])
@@ -108,7 +117,7 @@ _ts = st.none() | st.integers(min_value=0, max_value=2**40)
 @given(
     status=st.sampled_from(list(BatchStatus)),
     model=st.none() | _text,
-    project=_text.filter(bool),
+    project=st.from_regex(PROJECT_ID_PATTERN, fullmatch=True),
     metadata=st.none() | st.dictionaries(_text, _text, max_size=4),
     counts=st.tuples(*[st.integers(0, 10**6)] * 3),
     usage=st.none() | st.tuples(*[st.integers(0, 10**9)] * 5),
