@@ -7,7 +7,7 @@ Operators (each mutant changes one node):
   not       `not x` -> `x`
   negate    the condition of if / while / a conditional expression / a comprehension filter
   number    n -> n + 1;  True <-> False
-  string    'text' -> 'XXtextXX' (not docstrings, annotations or f-string text)
+  string    'text' -> 'XXtextXX' (not docstrings, annotations, f-string text or log messages)
   minmax    max(...) <-> min(...)
   return    `return x` -> `return None`
   raise     `raise X` -> `pass`
@@ -78,6 +78,14 @@ def _is_docstring(parent: ast.AST, name: str, index: int | None) -> bool:
     )
 
 
+def _is_log_call(node: ast.AST) -> bool:
+    """log.info(...), logger.warning(...), logging.error(...)"""
+    return (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name) and node.func.value.id in ("log", "logger", "logging")
+    )
+
+
 def module_mutants(module: str, tree: ast.Module) -> Iterator[Mutant]:
     """Every mutant of `tree`, in source order."""
     seen: dict[str, int] = {}
@@ -105,6 +113,8 @@ def module_mutants(module: str, tree: ast.Module) -> Iterator[Mutant]:
     def visit(node: ast.AST, path: tuple, scope: str, stmt: ast.stmt | None, in_fstring: bool) -> Iterator[Mutant]:
         if isinstance(node, ast.ImportFrom) or isinstance(node, ast.Import):
             return
+        if _is_log_call(node):
+            in_fstring = True  # log text is for people reading logs, not behaviour: its strings stay
         if isinstance(node, ast.stmt):
             stmt = node
         yield from node_mutants(node, path, scope, stmt, in_fstring)
