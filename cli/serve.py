@@ -1,7 +1,8 @@
 """`vbatch serve`: the gateway, wired for the configured mode.
 
 Single-node (the default): SQLite batch store under the data dir, local or S3
-storage, and the local executor running worker subprocesses on this machine.
+storage, and the one driver (`vbatch.core.driver`) with the local shard runtime
+running worker subprocesses on this machine (`operator.local_executor`).
 Cluster: Batch custom resources as the store; the operator does the running.
 """
 
@@ -85,6 +86,7 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
         return Services(settings=settings, files=files, batches=batches, keys=keys,
                         runner=NoopRunner(), served_models=served_models(settings, engine)), None
 
+    from vbatch.core.events import BatchEvents
     from vbatch.core.sqlite_store import SqliteBatchStore
     from vbatch.operator.local_executor import LocalExecutor
 
@@ -93,6 +95,7 @@ def build_services(settings: Settings, engine: str, slots: int | None = None):
     executor = LocalExecutor(
         settings=settings, store=store, files=files, batches=batches, served_models=models,
         engine=engine, slots=slots or max(1, gpu_count()),
+        events=BatchEvents(),  # every save the driver makes; listeners subscribe here
     )
     services = Services(settings=settings, files=files, batches=batches, keys=keys, runner=executor, served_models=models)
     return services, executor

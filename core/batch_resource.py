@@ -33,6 +33,7 @@ from vbatch.core.schemas import (
     InputTokensDetails,
     OutputTokensDetails,
     RequestCounts,
+    StepFailure,
 )
 
 GROUP = "vbatch.dev"
@@ -141,6 +142,20 @@ class Condition(_Camel):
     message: str | None = Field(default=None, max_length=32768)
 
 
+class StepFailureStatus(_Camel):
+    """The last failed step of the driver for this batch (retried with backoff until the
+    budget is spent; then the batch ends naming it in errors)."""
+
+    action: str
+    kind: Literal["transient", "permanent"] = "transient"
+    code: str
+    message: str
+    attempts: int = Field(ge=1)
+    first_at: float | None = None
+    last_at: float | None = None
+    retry_at: float | None = None
+
+
 class BatchStatusFields(_Camel):
     """What happened, written by the gateway and operator through /status only."""
 
@@ -162,6 +177,7 @@ class BatchStatusFields(_Camel):
     cancelled_at: UnixSeconds | None = None
     # Set while the batch has a Job or working data to clean up; cleared last.
     job_name: str | None = None
+    step_failure: StepFailureStatus | None = None
     shard_count: int | None = Field(default=None, ge=1)
     observed_generation: int | None = Field(default=None, json_schema_extra={"format": "int64"})
     conditions: list[Condition] | None = Field(
@@ -202,6 +218,8 @@ def status_model_from_record(record: BatchRecord) -> BatchStatusFields:
         error_file_id=record.error_file_id,
         errors=None if record.errors is None else list(record.errors.data),
         shard_count=record.shard_count,
+        step_failure=None if record.step_failure is None else StepFailureStatus.model_validate(
+            record.step_failure.model_dump()),
         conditions=[succeeded_condition(record)],
         **{field: getattr(record, field) for field, _ in TIMESTAMPS},
     )
@@ -263,6 +281,10 @@ def record_from_resource(obj: dict[str, Any]) -> BatchRecord:
         output_file_id=status.output_file_id,
         error_file_id=status.error_file_id,
         shard_count=status.shard_count,
+        requested_shards=spec.shards,
+        cleanup_pending=bool(status.job_name),
+        step_failure=None if status.step_failure is None else StepFailure.model_validate(
+            status.step_failure.model_dump(exclude_none=True)),
         # The store's optimistic-concurrency token: saving with a stale one gets 409.
         revision=meta.get("resourceVersion"),
         usage=None if usage is None else BatchUsage(

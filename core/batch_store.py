@@ -41,5 +41,6 @@ class BatchStore(Protocol):
         ...
 
     def unfinished(self) -> Iterator[BatchRecord]:
-        """Every batch of every project not yet in a terminal status (for executors)."""
+        """Every batch of every project the driver must still look at: not yet terminal,
+        or terminal with its clean-up pending (`cleanup_pending`)."""
         ...

@@ -68,6 +68,20 @@ class Settings(BaseSettings):
     # After SIGTERM (cancel, expiry, pod eviction), how long in-flight requests may finish.
     stop_grace_seconds: float = 10.0
 
+    # Tries per shard before it counts as failed (its lines get `shard_failed`): the
+    # local runtime's attempts, the Kubernetes Job's backoffLimitPerIndex + 1.
+    shard_max_attempts: int = Field(default=3, ge=1)
+    # A failing driver step (storage down, a bug) is retried with exponential backoff
+    # and jitter from step_retry_base_seconds up to step_retry_max_seconds; transient
+    # failures end the batch after step_max_attempts tries or step_max_seconds since the
+    # first failure, whichever comes first; permanent ones (unreadable data, a bug) after
+    # step_permanent_attempts tries (a read cut short can look like bad data once).
+    step_max_attempts: int = Field(default=20, ge=1)
+    step_permanent_attempts: int = Field(default=3, ge=1)
+    step_max_seconds: float = Field(default=1800.0, ge=0)
+    step_retry_base_seconds: float = Field(default=1.0, ge=0)
+    step_retry_max_seconds: float = Field(default=300.0, ge=0)
+
     limits: Limits = Field(default_factory=Limits)
 
     @property

@@ -23,6 +23,10 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE INDEX IF NOT EXISTS batches_by_project ON batches (project, id);
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
 """
+# Finished batches whose working data is still to be removed (see BatchRecord.cleanup_pending):
+# a column, so the driver's round finds them without reading every record.
+_CLEANUP_COLUMN = "ALTER TABLE batches ADD COLUMN cleanup_pending INTEGER NOT NULL DEFAULT 0"
+_CLEANUP_INDEX = "CREATE INDEX IF NOT EXISTS batches_by_cleanup ON batches (cleanup_pending)"
 
 
 class SqliteBatchStore:
@@ -34,6 +38,9 @@ class SqliteBatchStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # answered means on disk
         self._db.executescript(_SCHEMA)
+        if "cleanup_pending" not in {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}:
+            self._db.execute(_CLEANUP_COLUMN)  # a store written before the column existed
+        self._db.execute(_CLEANUP_INDEX)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -49,8 +56,8 @@ class SqliteBatchStore:
     def create(self, record: BatchRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO batches (id, project, status, revision, data) VALUES (?, ?, ?, 1, ?)",
-                (record.id, record.project, record.status.value, self._encode(record)),
+                "INSERT INTO batches (id, project, status, revision, data, cleanup_pending) VALUES (?, ?, ?, 1, ?, ?)",
+                (record.id, record.project, record.status.value, self._encode(record), int(record.cleanup_pending)),
             )
         record.revision = "1"
 
@@ -78,8 +85,10 @@ class SqliteBatchStore:
     def save(self, record: BatchRecord) -> None:
         with self._lock:
             cursor = self._db.execute(
-                "UPDATE batches SET status = ?, revision = revision + 1, data = ? WHERE id = ? AND revision = ?",
-                (record.status.value, self._encode(record), record.id, int(record.revision or 0)),
+                "UPDATE batches SET status = ?, revision = revision + 1, data = ?, cleanup_pending = ?"
+                " WHERE id = ? AND revision = ?",
+                (record.status.value, self._encode(record), int(record.cleanup_pending), record.id,
+                 int(record.revision or 0)),
             )
             if cursor.rowcount != 1:
                 raise StaleRecord(record.id)
@@ -110,11 +119,13 @@ class SqliteBatchStore:
                 raise
 
     def unfinished(self) -> Iterator[BatchRecord]:
+        """Batches not yet terminal, and finished ones whose clean-up is pending."""
         terminal = tuple(s.value for s in TERMINAL_STATUSES)
         marks = ",".join("?" * len(terminal))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT data, revision FROM batches WHERE status NOT IN ({marks}) ORDER BY id", terminal
+                f"SELECT data, revision FROM batches WHERE status NOT IN ({marks}) OR cleanup_pending = 1 ORDER BY id",
+                terminal,
             ).fetchall()
         return iter([self._decode(*row) for row in rows])
 

@@ -82,8 +82,11 @@ def build_shard_job(
     shard_count: int,
     parallelism: int,
     worker: WorkerPodConfig,
+    max_attempts: int,
 ) -> dict[str, Any]:
-    """One Indexed Job for the whole batch: pod i runs shard i (JOB_COMPLETION_INDEX)."""
+    """One Indexed Job for the whole batch: pod i runs shard i (JOB_COMPLETION_INDEX),
+    at most `max_attempts` times (Settings.shard_max_attempts, the same budget as the
+    single-node runtime's)."""
     if shard_count < 1:
         raise ValueError(f"shard_count must be >= 1, got {shard_count}")
     labels = {
@@ -100,7 +103,7 @@ def build_shard_job(
         "completionMode": "Indexed",
         "completions": shard_count,
         "parallelism": max(1, min(parallelism, shard_count)),
-        "backoffLimitPerIndex": worker.backoff_limit_per_index,
+        "backoffLimitPerIndex": max(0, max_attempts - 1),
         # A shard that exhausts its retries must not stop the others: the batch still
         # finalizes, with `shard_failed` error lines for that shard's requests.
         "maxFailedIndexes": shard_count,

@@ -102,6 +102,7 @@ def worker_job(objects, monkeypatch, tmp_path, *, gpus=1):
     return build_shard_job(
         batch_name="batch-01jtest", batch_uid="0000-1111", namespace=NAMESPACE, project="default",
         batch_id="batch_01JTEST", model="m", shard_count=2, parallelism=2, worker=worker,
+        max_attempts=int(env["VBATCH_SHARD_MAX_ATTEMPTS"]["value"]),
     )
 
 

@@ -141,7 +141,7 @@ def test_deleting_a_batch_cascades_to_its_job_and_pods(crs, api, kube_cluster):
     owner = create(crs, batch("batch-1"))
     job = build_shard_job(batch_name="batch-1", batch_uid=owner["metadata"]["uid"], namespace=NS, project="proj",
                           batch_id="batch_X", model="m", shard_count=2, parallelism=2,
-                          worker=WorkerPodConfig(image="img"))
+                          worker=WorkerPodConfig(image="img"), max_attempts=3)
     jobs = kubernetes.client.BatchV1Api(api)
     created_job = jobs.create_namespaced_job(NS, job)
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "batch-1-shards-0", "ownerReferences": [

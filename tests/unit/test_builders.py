@@ -40,7 +40,8 @@ def record(**overrides) -> BatchRecord:
 
 def job(**overrides):
     kwargs = dict(batch_name="batch-01hzx", batch_uid="uid-1", namespace="ns", project="acme",
-                  batch_id="batch_01HZX", model="smollm2", shard_count=4, parallelism=2, worker=WorkerPodConfig())
+                  batch_id="batch_01HZX", model="smollm2", shard_count=4, parallelism=2, worker=WorkerPodConfig(),
+                  max_attempts=3)
     return build_shard_job(**(kwargs | overrides))
 
 
@@ -199,10 +200,10 @@ def test_worker_config_reaches_the_pod():
         volumes=[{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
         volume_mounts=[{"name": "models", "mountPath": "/models"}],
         resources={"requests": {"memory": "8Gi"}, "limits": {"memory": "16Gi"}},
-        image_pull_secrets=["regcred"], backoff_limit_per_index=5, shm_size=None,
+        image_pull_secrets=["regcred"], shm_size=None,
         pod_failure_policy={"rules": [{"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [3]}}]},
     )
-    obj = job(worker=worker)
+    obj = job(worker=worker, max_attempts=6)
     pod = obj["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "reg/vbatch:1"
@@ -216,7 +217,7 @@ def test_worker_config_reaches_the_pod():
     assert pod["nodeSelector"] == {"gpu": "mi300"} and pod["runtimeClassName"] == "nvidia"
     assert pod["tolerations"][0]["key"] == "gpu" and pod["serviceAccountName"] == "worker"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    assert obj["spec"]["backoffLimitPerIndex"] == 5
+    assert obj["spec"]["backoffLimitPerIndex"] == 5  # 6 attempts: the first + 5 retries
     assert obj["spec"]["podFailurePolicy"]["rules"][0]["action"] == "FailIndex"
 
 
