@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 from mutants import Mutant, module_mutants  # noqa: E402
 
 # The core modules under test; add one here (e.g. core/driver.py) to include it.
-MODULES = ["core/state.py", "core/merge.py", "core/validation.py", "core/sharding.py"]
+MODULES = ["core/state.py", "core/merge.py", "core/validation.py", "core/sharding.py", "core/driver.py"]
 TESTS = "tests/unit"
 EQUIVALENTS = HERE / "equivalents.toml"
 SCORES, DETAILS = REPO / "bench" / "mutation.json", REPO / "bench" / "mutation-details.json"

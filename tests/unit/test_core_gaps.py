@@ -360,6 +360,11 @@ class FailingStore(LocalObjectStore):
             raise StorageError("object storage unreachable")
         return super().get_stream(key, chunk_size)
 
+    def get_bytes(self, key):
+        if "/results/" in key:
+            raise StorageError("object storage unreachable")
+        return super().get_bytes(key)
+
 
 def test_a_merge_that_fails_raises_and_leaves_no_open_spool(tmp_path, monkeypatch):
     store = FailingStore(tmp_path)
