@@ -2,7 +2,9 @@
 
     .venv/bin/python scripts/mutation/run.py                    # every module in MODULES
     .venv/bin/python scripts/mutation/run.py core/state.py      # some modules (report not written)
+    .venv/bin/python scripts/mutation/run.py core/state.py --write   # ... and update their entries
     .venv/bin/python scripts/mutation/run.py --survivors        # re-try only the last run's survivors
+    .venv/bin/python scripts/mutation/run.py --survivors --write   # ... and update the report with them
 
 Why a harness of our own and not mutmut 3: mutmut names a mutant after its file
 path (`core.state.x_f__mutmut_1`) and its trampolines compare that name with the
@@ -222,25 +224,29 @@ def load_equivalents() -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("modules", nargs="*", help="modules to mutate (default: all of MODULES; report not written)")
+    parser.add_argument("modules", nargs="*", help="modules to mutate (default: all of MODULES)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--survivors", action="store_true", help="re-try only the survivors of the last full run")
+    parser.add_argument("--survivors", action="store_true",
+                        help="re-try only the survivors of the last full run (with --write: update its report)")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
-    parser.add_argument("--map", type=Path, help=argparse.SUPPRESS)  # internal: the coverage pass
+    parser.add_argument("--write", action="store_true",
+                        help="with modules named: update their entries in the report files, keep the others'")
     args = parser.parse_args()
-    if args.map:
-        line_tests(args.modules, args.map)
-        return 0
     modules = args.modules or MODULES
-    full_run = not args.modules and not args.survivors
+    full_run = args.write or not (args.modules or args.survivors)
     os.chdir(REPO)
     started = time.monotonic()
     equivalents = load_equivalents()
     trees = {m: ast.parse((REPO / m).read_text(), m) for m in modules}
     mutants = every = [mu for m in modules for mu in module_mutants(m, trees[m])]
     if args.survivors:
-        last = json.loads(DETAILS.read_text())
-        again = {s["id"] for info in last["modules"].values() for s in info["survivors"]}
+        # Re-try the last run's survivors (and the listed equivalents, to catch stale entries);
+        # with --write every other mutant keeps its verdict from that run: killed.
+        last = json.loads(DETAILS.read_text())["modules"]
+        for m in modules:
+            if m not in last or last[m]["mutants"] != sum(mu.module == m for mu in every):
+                raise SystemExit(f"{m} changed since the last full run (or was not in it): run it in full")
+        again = {s["id"] for m in modules for s in last[m]["survivors"]} | set(equivalents)
         mutants = [mu for mu in mutants if mu.id in again]
 
     print(f"mapping tests/unit to the lines of {len(modules)} modules ...", flush=True)
@@ -265,6 +271,9 @@ def main() -> int:
     print(f"{len(mutants)} mutants ({len(uncovered)} on lines no unit test runs), {args.workers} at a time", flush=True)
     verdicts = run_all(jobs, trees, durations, args.workers)
     verdicts.update({mu.id: "no test" for mu in uncovered})
+    if args.survivors and args.write:
+        verdicts.update({mu.id: "killed" for mu in every if mu.id not in verdicts})  # in the last full run
+        mutants = every
 
     report, scores = {}, {}
     for m in modules:
@@ -297,9 +306,18 @@ def main() -> int:
         print(f"  listed as equivalent but no such mutant (stale entry?): {i}")
     print(f"\n{minutes} min")
     if full_run:
-        SCORES.write_text(json.dumps(scores, indent=2) + "\n")
-        DETAILS.write_text(json.dumps({"tests": TESTS, "minutes": minutes, "modules": report,
-                                       "stale_equivalents": unknown}, indent=2) + "\n")
+        details = {"tests": TESTS, "minutes": {}, "modules": {}, "stale_equivalents": []}
+        if (args.modules or args.survivors) and DETAILS.exists():  # a partial run updates its modules only
+            details = json.loads(DETAILS.read_text())
+            if not isinstance(details.get("minutes"), dict):
+                details["minutes"] = {}
+        details["minutes"][" ".join(modules)] = minutes
+        details["modules"].update(report)
+        others = [i for i in details.get("stale_equivalents", []) if i.split("::", 1)[0] not in modules]
+        details["stale_equivalents"] = sorted(others + unknown)
+        details["modules"] = {m: details["modules"][m] for m in MODULES if m in details["modules"]}
+        SCORES.write_text(json.dumps({m: info["score"] for m, info in details["modules"].items()}, indent=2) + "\n")
+        DETAILS.write_text(json.dumps(details, indent=2) + "\n")
         print(f"wrote {SCORES.relative_to(REPO)} and {DETAILS.relative_to(REPO)}")
     return 0
 

@@ -587,3 +587,73 @@ def test_the_400_leads_with_the_first_problem_and_lists_the_others():
     assert info.value.envelope()["error"]["message"] == (
         "line 1: line is not valid JSON. (also: line 2: each line must be a JSON object.; "
         "line 3: method must be 'POST', got 'GET'.)")
+
+
+# --- unreadable result parts (merge reads each part whole) -------------------------------
+
+
+def merged_codes(store, shard_count=1, **kwargs) -> dict[str, tuple[str | None, str | None]]:
+    merged = merge_shards(store, P, "b1", shard_count, **kwargs)
+    try:
+        lines = [orjson.loads(x) for x in (merged.output.read() + merged.errors.read()).splitlines()]
+    finally:
+        merged.close()
+    return {r["custom_id"]: ((r["error"] or {}).get("code"), (r["error"] or {}).get("message")) for r in lines}
+
+
+@pytest.mark.parametrize("bad", [b"{not json", b'{"no": "custom_id"}', b"[1, 2]", b'{"custom_id": 7}'])
+def test_an_unreadable_part_is_skipped_and_its_requests_say_so(tmp_path, bad):
+    store = LocalObjectStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b", "c")), 1)
+    store.put_bytes(part_key(P, "b1", 0, 0), orjson.dumps(ok_result("a")) + b"\n" + bad + b"\n")
+    write_part(store, "b1", 0, 1, [ok_result("b")])  # a good part after the bad one still counts
+    codes = merged_codes(store)
+    assert codes["b"] == (None, None)
+    assert codes["a"][0] == codes["c"][0] == "result_unreadable"  # the whole bad part is dropped
+    assert codes["c"][1].startswith("This request's result part could not be read back")
+
+
+class GhostPartStore(LocalObjectStore):
+    """Lists a part that is gone by the time it is read."""
+
+    def list(self, prefix):
+        keys = list(super().list(prefix))
+        return iter([prefix + "part-000000.jsonl"] + keys) if "/results/" in prefix else iter(keys)
+
+
+def test_a_part_gone_between_listing_and_reading_is_skipped(tmp_path):
+    store = GhostPartStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b")), 1)
+    write_part(store, "b1", 0, 1, [ok_result("a")])
+    codes = merged_codes(store)
+    assert codes == {"a": (None, None), "b": ("result_unreadable", codes["b"][1])}
+
+
+class ShortReadStore(LocalObjectStore):
+    """Storage trouble: a read returns only part of an object."""
+
+    def get_bytes(self, key):
+        data = super().get_bytes(key)
+        return data[:-10] if "/results/" in key else data
+
+
+def test_a_part_read_cut_short_is_retried_not_called_unreadable(tmp_path):
+    store = ShortReadStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b")), 1)
+    write_part(store, "b1", 0, 0, [ok_result("a"), ok_result("b")])
+    with pytest.raises(StorageError):
+        merge_shards(store, P, "b1", 1)
+
+
+def test_the_ending_message_goes_to_requests_left_for_that_reason_only(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    write_shards(store, P, "b1", (line(c) for c in ("a", "b", "c", "d")), 2)
+    codes = merged_codes(store, 2, missing_code="storage_unavailable", missing_message="The batch ended: disk full",
+                         failed_shards=frozenset({1}))
+    by_shard = {c: s for s in range(2) for c in (orjson.loads(x)["custom_id"]
+                                                 for x in store.get_bytes(shard_key(P, "b1", s)).splitlines())}
+    for custom_id, (code, message) in codes.items():
+        if by_shard[custom_id] == 0:
+            assert (code, message) == ("storage_unavailable", "The batch ended: disk full")
+        else:  # a shard that failed keeps its own reason
+            assert code == "shard_failed" and message.startswith("The worker running this request failed")
