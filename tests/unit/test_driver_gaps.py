@@ -8,7 +8,7 @@ import pytest
 from driver_world import P, World
 from vbatch.core.batch_store import StaleRecord
 from vbatch.core.errors import StorageError
-from vbatch.core.layout import ShardProgress, progress_key
+from vbatch.core.layout import ShardProgress, part_key, progress_key
 from vbatch.core.schemas import BatchStatus
 
 S = BatchStatus
@@ -78,8 +78,11 @@ def test_clean_up_backoff_grows_with_each_failure(world):
 def test_a_runtime_still_holding_the_batch_keeps_the_clean_up_due(world):
     record = world.drive(world.submit(2))
     world.runtime.answer(record)
-    world.runtime.release = lambda r: False
-    done = world.drive(record, rounds=3)
+    asked = []
+    world.runtime.release = lambda r: asked.append(r.id) and False
+    world.drive(record)
+    assert len(asked) == 1  # asked once per round, not in a loop
+    done = world.drive(record, rounds=2)
     assert done.status == S.COMPLETED and done.cleanup_pending and world.working_data(done)
     assert record.id not in world.driver._cleanup_retry  # not a failure: just not yet
 
@@ -291,3 +294,13 @@ def test_a_cancel_flag_alone_does_not_wait_for_the_backoff(world):
 def test_driving_a_batch_that_is_gone_keeps_nothing(world):
     world.driver.drive(P, "batch_01J0000000000000000000000Z")
     assert world.driver._locks == {}
+
+
+def test_a_succeeded_shard_missing_some_results_gives_those_shard_failed_lines(world):
+    record = world.drive(world.submit(4))
+    world.runtime.answer(record)
+    first, *rest = world.runtime.shard_ids(record, 0)
+    kept = [line for line in world.raw.get_bytes(part_key(P, record.id, 0, 0)).splitlines() if first.encode() in line]
+    world.raw.put_bytes(part_key(P, record.id, 0, 0), b"\n".join(kept) + b"\n")
+    codes = world.codes(world.drive(record))
+    assert codes[first] is None and {codes[c] for c in rest} == {"shard_failed"}
