@@ -117,6 +117,9 @@ class BatchSpec(_Camel):
     cancel_requested: bool = Field(default=False, json_schema_extra={"default": False})
     shards: int | None = Field(default=None, ge=1, le=256)
     parallelism: int | None = Field(default=None, ge=1, le=256)
+    output_expires_after_seconds: int | None = Field(
+        default=None, ge=1, le=2592000,
+        description="Lifetime of the result files (the API's output_expires_after.seconds); default: the setting.")
 
 
 class RequestCountsStatus(_Camel):
@@ -235,7 +238,8 @@ def spec_from_record(record: BatchRecord, *, shards: int | None = None,
     return _dump(BatchSpec(
         input_file_id=record.input_file_id, endpoint=record.endpoint, completion_window=record.completion_window,
         model=record.model, project=record.project, metadata=record.metadata,
-        cancel_requested=record.cancel_requested, shards=shards, parallelism=parallelism))
+        cancel_requested=record.cancel_requested, shards=shards, parallelism=parallelism,
+        output_expires_after_seconds=record.output_expires_after_seconds))
 
 
 def resource_from_record(record: BatchRecord, namespace: str, *, shards: int | None = None,
@@ -282,6 +286,7 @@ def record_from_resource(obj: dict[str, Any]) -> BatchRecord:
         error_file_id=status.error_file_id,
         shard_count=status.shard_count,
         requested_shards=spec.shards,
+        output_expires_after_seconds=spec.output_expires_after_seconds,
         cleanup_pending=bool(status.job_name),
         step_failure=None if status.step_failure is None else StepFailure.model_validate(
             status.step_failure.model_dump(exclude_none=True)),

@@ -9,11 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# User input quoted in an error message is cut to this many characters: an error must
+# never echo back (and so amplify) an unbounded id, path or field.
+MAX_ECHO_CHARS = 80
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """`value` as text, cut to `limit` characters (with '...' when cut)."""
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class VBatchError(Exception):
     status_code: int = 400
     type: str = "invalid_request_error"
     default_code: str | None = None
+    # Worth retrying later: the gateway adds a Retry-After header.
+    retryable: bool = False
 
     def __init__(
         self,
@@ -58,6 +70,38 @@ class PayloadTooLarge(VBatchError):
     default_code = "file_too_large"
 
 
+class BodyTooLarge(VBatchError):
+    """A JSON request body over its cap (answered before it is buffered)."""
+
+    status_code = 413
+    default_code = "request_too_large"
+
+
+class RequestTimeout(VBatchError):
+    """The client stopped sending (or sends too slowly) in the middle of its request."""
+
+    status_code = 408
+    default_code = "request_timeout"
+
+
+class TooManyRequests(VBatchError):
+    """This project has as many uploads in flight as it may."""
+
+    status_code = 429
+    type = "rate_limit_exceeded"
+    default_code = "too_many_concurrent_uploads"
+    retryable = True
+
+
+class ServiceBusy(VBatchError):
+    """The gateway as a whole is at capacity (e.g. concurrent uploads)."""
+
+    status_code = 503
+    type = "internal_error"
+    default_code = "server_busy"
+    retryable = True
+
+
 class Unprocessable(VBatchError):
     status_code = 422
 
@@ -80,6 +124,7 @@ class StorageError(VBatchError):
     status_code = 503
     type = "internal_error"
     default_code = "storage_unavailable"
+    retryable = True
 
 
 # --- failures of a driver's step ------------------------------------------------------

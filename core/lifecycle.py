@@ -122,9 +122,19 @@ def with_progress(record: BatchRecord, progress: list[ShardProgress | None]) -> 
         if p:
             usage.add(p.usage.input_tokens, p.usage.output_tokens)
             usage.input_tokens_details.cached_tokens += p.usage.input_tokens_details.cached_tokens
-    updated = record.model_copy(deep=True)
+    updated = with_worker_figures(record, progress)
     updated.request_counts = RequestCounts(total=record.request_counts.total, completed=completed, failed=failed)
     updated.usage = usage
+    return updated
+
+
+def with_worker_figures(record: BatchRecord, progress: list[ShardProgress | None]) -> BatchRecord:
+    """The record with the first result time and worker seconds of its shards (metrics)."""
+    firsts = [p.first_result_at for p in progress if p and p.first_result_at is not None]
+    updated = record.model_copy(deep=True)
+    if firsts:
+        updated.first_result_at = min(firsts + ([record.first_result_at] if record.first_result_at else []))
+    updated.gpu_seconds = max(record.gpu_seconds, sum(p.gpu_seconds for p in progress if p))
     return updated
 
 
@@ -158,6 +168,7 @@ def finish(
             # The input is gone and nothing was launched: no line can be named. The counts
             # say how many requests did not run; the errors entry says why.
             return _end_without_lines(record, to, items, now)
+    record = with_worker_figures(record, read_progress(store, record))
     merged = merge_shards(
         store, record.project, record.id, record.shard_count or 0, missing_code=missing_code,
         missing_message=missing_message, failed_shards=failed_shards,
@@ -227,6 +238,7 @@ def _store_result(files: FileService, record: BatchRecord, spool, *, kind: str):
         purpose=FilePurpose.BATCH_OUTPUT,
         is_error=True if kind == "error" else None,
         file_id=result_file_id(record.id, kind),
+        expires_after_seconds=record.output_expires_after_seconds or files.output_retention_seconds,
     )
 
 

@@ -165,6 +165,11 @@ class BatchRecord(Batch):
     # SQLite, metadata.resourceVersion for custom resources). Saving a record
     # whose revision is stale fails, so a driver never overwrites a cancel.
     revision: str | None = None
+    # Seconds the result files live (output_expires_after); None: the default.
+    output_expires_after_seconds: int | None = None
+    # Worker figures, summed from the shards' progress records (metrics).
+    first_result_at: float | None = None
+    gpu_seconds: float = 0.0
 
     def to_wire(self) -> Batch:
         return Batch.model_validate(self.model_dump(include=set(Batch.model_fields)))

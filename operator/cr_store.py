@@ -84,8 +84,22 @@ class KubeBatchStore:
         # The API server drops status on create; the CR already exists in etcd, so a
         # crash before this write leaves a batch the operator validates itself.
         name = created["metadata"]["name"]
-        written = self._resources.patch_status(name, created["metadata"]["resourceVersion"], status_from_record(record))
-        record.revision = written["metadata"]["resourceVersion"]
+        revision = created["metadata"]["resourceVersion"]
+        for _ in range(CANCEL_ATTEMPTS):
+            try:
+                written = self._resources.patch_status(name, revision, status_from_record(record))
+                record.revision = written["metadata"]["resourceVersion"]
+                return
+            except StaleRecord:
+                # The operator saw the new Batch first (kopf adds its finalizer at once).
+                current = self._resources.get(name)
+                if current is None:
+                    raise
+                revision = current["metadata"]["resourceVersion"]
+                if (current.get("status") or {}).get("phase"):
+                    record.revision = revision  # the operator validates it itself: same outcome
+                    return
+        raise StaleRecord(f"{record.id}: its first status write kept conflicting")
 
     def get(self, project: str, batch_id: str) -> BatchRecord | None:
         if not is_batch_id(batch_id):

@@ -23,7 +23,7 @@ log = logging.getLogger("vbatch.operator")
 # The API calls of this module, as RBAC sees them: tests/integration/test_rbac_usage.py checks this
 # table against what the emulator recorded, and both against the chart's expectations.
 RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
-    (GROUP, PLURAL): frozenset({"get", "patch", "delete"}),
+    (GROUP, PLURAL): frozenset({"get", "list", "patch", "delete"}),
     (GROUP, f"{PLURAL}/status"): frozenset({"patch"}),
     ("batch", "jobs"): frozenset({"create", "get", "delete"}),
     ("", "pods"): frozenset({"list"}),
@@ -42,18 +42,30 @@ def api_client(component: str) -> kubernetes.client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig.
 
     $KUBECONFIG is read now, not at import: the client's default path was frozen when
-    `kubernetes.config` was imported, which may predate the caller setting it. The
-    user agent names the component, so audit logs (and the RBAC test) tell the
-    gateway's calls from the operator's.
+    `kubernetes.config` was imported, which may predate the caller setting it. A
+    kubeconfig context named `vbatch-<component>` is used when there is one, so one
+    file can give the gateway and the operator their own credentials (each its own
+    ServiceAccount's, as in the chart); else the current context. The user agent
+    names the component, so audit logs tell the gateway's calls from the operator's.
     """
     try:
         config = kubernetes.client.Configuration()
         kubernetes.config.load_incluster_config(client_configuration=config)
         client = kubernetes.client.ApiClient(config)
     except kubernetes.config.ConfigException:
-        client = kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+        path = os.environ.get("KUBECONFIG")
+        client = kubernetes.config.new_client_from_config(config_file=path, context=_component_context(path, component))
     client.user_agent = f"vbatch-{component}/{_version()}"
     return client
+
+
+def _component_context(path: str | None, component: str) -> str | None:
+    try:
+        contexts, _ = kubernetes.config.list_kube_config_contexts(config_file=path)
+    except kubernetes.config.ConfigException:
+        return None
+    wanted = f"vbatch-{component}"
+    return wanted if any(c.get("name") == wanted for c in contexts or []) else None
 
 
 class BatchResources:
@@ -107,6 +119,20 @@ class Kube:
 
     def patch_batch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
         return self.batches.patch_status(name, resource_version, status)
+
+    def status_counts(self) -> dict[tuple[str, str | None], int]:
+        """{(status, model): batches} of the namespace, listed a page at a time (metrics)."""
+        counts: dict[tuple[str, str | None], int] = {}
+        token: str | None = None
+        while True:
+            page = self.crs.list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, limit=500, **({"_continue": token} if token else {}))
+            for obj in page.get("items", []):
+                key = ((obj.get("status") or {}).get("phase") or "validating", (obj.get("spec") or {}).get("model"))
+                counts[key] = counts.get(key, 0) + 1
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return counts
 
     def delete_batch(self, name: str, resource_version: str) -> bool:
         """Delete a Batch only as it was read (precondition): StaleRecord when it changed

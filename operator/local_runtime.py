@@ -70,9 +70,10 @@ class LocalRuntime:
 
     def observe(self, record: BatchRecord) -> ShardsSeen:
         book = self._book(record)
+        holders = self.workers.holders(record.id)  # outside our lock: the pool has its own
         with self._lock:
             return ShardsSeen(succeeded=frozenset(book.succeeded), failed=frozenset(book.failed),
-                              attempts=dict(book.attempts))
+                              attempts=dict(book.attempts), holders=holders)
 
     def stop(self, record: BatchRecord) -> bool:
         with self._lock:

@@ -57,6 +57,12 @@ class ObjectStore(Protocol):
         on S3, for flat prefixes on any S3-protocol server)."""
         ...
 
+    def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:
+        """At most `limit` keys directly under prefix (a flat "folder": no '/' after
+        it), in lexicographic order, each > start_after. One request on S3, so
+        indexes built of such keys page in O(page)."""
+        ...
+
     def delete_prefix(self, prefix: str) -> None:
         for key in list(self.list(prefix)):
             self.delete(key)

@@ -265,7 +265,9 @@ def test_file_service_create_get_open(object_store):
 def test_file_service_filenames_are_data_not_paths(object_store, given, stored):
     meta = FileService(object_store).create("proj", [b"{}\n"], filename=given, purpose=FilePurpose.BATCH)
     assert meta.filename == (stored or f"{meta.id}.jsonl")
-    assert sorted(object_store.list("")) == [file_key("proj", meta.id), file_key("proj", meta.id) + ".json"]
+    # Only vbatch's own names reach storage (the bytes, the File object; index entries by id).
+    assert sorted(object_store.list("projects/proj/files/")) == [file_key("proj", meta.id), file_key("proj", meta.id) + ".json"]
+    assert not any(stored and stored in key for key in object_store.list(""))
 
 
 def test_file_service_list_pagination_and_delete(object_store):
