@@ -57,8 +57,8 @@ test-fast: install
 bench: install
 	$(PY) bench/report.py
 
-# Mutation testing of the core against tests/unit (a report, not a gate; ~10 min on
-# 2 cores): bench/mutation.json, survivors printed. See docs/testing.md.
+# Mutation testing of the core against tests/unit (a report, not a gate; ~700 mutants,
+# 10-20 min on 2 cores): bench/mutation.json, survivors printed. See docs/testing.md.
 mutation: install
 	nice -n 10 $(PY) scripts/mutation/run.py
 
