@@ -304,3 +304,11 @@ def test_a_succeeded_shard_missing_some_results_gives_those_shard_failed_lines(w
     world.raw.put_bytes(part_key(P, record.id, 0, 0), b"\n".join(kept) + b"\n")
     codes = world.codes(world.drive(record))
     assert codes[first] is None and {codes[c] for c in rest} == {"shard_failed"}
+
+
+def test_a_running_batch_reports_usage_from_its_first_wait(world):
+    """Once running, the batch shows usage (zeros until tokens are used), not null."""
+    launched = world.drive(world.submit(4))
+    assert launched.usage is None
+    waiting = world.drive(launched)
+    assert waiting.usage is not None and waiting.usage.total_tokens == 0
