@@ -246,7 +246,8 @@ def main() -> int:
         for m in modules:
             if m not in last or last[m]["mutants"] != sum(mu.module == m for mu in every):
                 raise SystemExit(f"{m} changed since the last full run (or was not in it): run it in full")
-        again = {s["id"] for m in modules for s in last[m]["survivors"]} | set(equivalents)
+        again = {i for m in modules for i in [s["id"] for s in last[m]["survivors"]] + last[m].get("equivalent_ids", [])}
+        again |= set(equivalents)
         mutants = [mu for mu in mutants if mu.id in again]
 
     print(f"mapping tests/unit to the lines of {len(modules)} modules ...", flush=True)
@@ -287,7 +288,7 @@ def main() -> int:
         report[m] = {
             "score": scores[m], "mutants": len(own), "killed": killed,
             "timeouts": sum(verdicts[mu.id] == "timeout" for mu in own),
-            "equivalent": len(equivalent), "survived": len(survivors),
+            "equivalent": len(equivalent), "equivalent_ids": [mu.id for mu in equivalent], "survived": len(survivors),
             "survivors": [{"id": mu.id, "line": mu.line, "verdict": verdicts[mu.id]} for mu in survivors],
             "listed_equivalent_but_killed": stale,
         }
