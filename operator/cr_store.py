@@ -18,11 +18,16 @@ pool can call every method concurrently.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
+from kubernetes.client.rest import ApiException
 from vbatch.core import state
 from vbatch.core.batch_index import DANGLING_GRACE_SECONDS, BatchIndex, created_ms
 from vbatch.core.batch_resource import (
@@ -38,6 +43,7 @@ from vbatch.core.batch_resource import (
 )
 from vbatch.core.batch_store import StaleRecord
 from vbatch.core.config import Settings
+from vbatch.core.errors import StorageError
 from vbatch.core.ids import batch_object_name, is_batch_id
 from vbatch.core.schemas import BatchRecord
 from vbatch.core.storage import open_store
@@ -52,14 +58,57 @@ RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
 }
 
 CANCEL_ATTEMPTS = 10
+# (connect, read) seconds per API call: a hung API server answers the client with a 503
+# instead of holding a gateway thread forever.
+REQUEST_TIMEOUT = (5.0, 30.0)
+log = logging.getLogger("vbatch.api")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def api_unavailable(exc: BaseException) -> bool:
+    """The API server is away or overloaded: refused or dropped connections and timeouts
+    (urllib3 raises them past the client), 5xx and throttling (429). A later try may work."""
+    if isinstance(exc, ApiException):
+        return exc.status is not None and (exc.status >= 500 or exc.status in (408, 429))
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+@contextlib.contextmanager
+def unavailable_as_storage_error(action: str) -> Iterator[None]:
+    """What a client of the gateway sees: a 503 with Retry-After (like the SQLite store's
+    disk failures), never a 500, for an API server it cannot reach and for a record
+    whose compare-and-swap kept losing to concurrent writers."""
+    try:
+        yield
+    except StaleRecord as exc:
+        raise StorageError(f"The batch store could not {action}: it kept changing concurrently; retry.",
+                           code="batch_store_contended") from exc
+    except Exception as exc:
+        if not api_unavailable(exc):
+            raise
+        detail = f"API server answered {exc.status}" if isinstance(exc, ApiException) else type(exc).__name__
+        raise StorageError(f"The batch store could not {action}: the Kubernetes API server is unavailable "
+                           f"({detail}).", code="batch_store_unavailable") from exc
+
+
+def gateway_call(action: str) -> Callable[[F], F]:
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with unavailable_as_storage_error(action):
+                return method(*args, **kwargs)
+        return call  # type: ignore[return-value]
+    return wrap
 
 
 class KubeBatchStore:
-    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, store: ObjectStore) -> None:
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, store: ObjectStore, *,
+                 request_timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
         self.api = api
         self.namespace = namespace
         self.crs = kubernetes.client.CustomObjectsApi(api)
-        self._resources = BatchResources(self.crs, namespace)
+        self._resources = BatchResources(self.crs, namespace, request_timeout=request_timeout)
+        self._timeout = self._resources.timeout
         self.index = BatchIndex(store)
 
     @classmethod
@@ -74,15 +123,29 @@ class KubeBatchStore:
 
     # --- BatchStore ----------------------------------------------------------------
 
+    @gateway_call("create the batch")
     def create(self, record: BatchRecord) -> None:
         body = resource_from_record(record, self.namespace)
         # Indexed first: a listed resource is always in the index (a crash here leaves a
         # dangling entry, which listing skips and later prunes).
         self.index.add(record.project, record.id)
         body["metadata"].pop("resourceVersion", None)
-        created = self.crs.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
-        # The API server drops status on create; the CR already exists in etcd, so a
-        # crash before this write leaves a batch the operator validates itself.
+        created = self.crs.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body,
+                                                           **self._timeout)
+        # The API server drops status on create. The batch is durable now: the operator
+        # validates a Batch without status itself (same times, from the annotation and the
+        # window), so a status write the API server refuses must not fail the request —
+        # a client retrying it would create a second batch.
+        try:
+            self._write_first_status(created, record)
+        except Exception as exc:
+            if not (isinstance(exc, StaleRecord) or api_unavailable(exc)):
+                raise
+            log.warning("%s: created, but its first status write failed (%s); the operator validates it",
+                        record.id, type(exc).__name__)
+            record.revision = created["metadata"]["resourceVersion"]
+
+    def _write_first_status(self, created: dict[str, Any], record: BatchRecord) -> None:
         name = created["metadata"]["name"]
         revision = created["metadata"]["resourceVersion"]
         for _ in range(CANCEL_ATTEMPTS):
@@ -101,6 +164,7 @@ class KubeBatchStore:
                     return
         raise StaleRecord(f"{record.id}: its first status write kept conflicting")
 
+    @gateway_call("read the batch")
     def get(self, project: str, batch_id: str) -> BatchRecord | None:
         if not is_batch_id(batch_id):
             return None
@@ -120,12 +184,14 @@ class KubeBatchStore:
                 kwargs["label_selector"] = label_selector
             if token:
                 kwargs["_continue"] = token
-            page = self.crs.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, **kwargs)
+            page = self.crs.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, **kwargs,
+                                                         **self._timeout)
             items.extend(page.get("items") or [])
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items
 
+    @gateway_call("list batches")
     def list_page(self, project: str, *, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
         records: list[BatchRecord] = []
         cursor = after
@@ -166,6 +232,7 @@ class KubeBatchStore:
         written = self._resources.patch_status(batch_object_name(record.id), record.revision, status_from_record(record))
         record.revision = written["metadata"]["resourceVersion"]
 
+    @gateway_call("cancel the batch")
     def request_cancel(self, project: str, batch_id: str) -> BatchRecord | None:
         if not is_batch_id(batch_id):
             return None
@@ -186,7 +253,7 @@ class KubeBatchStore:
             # Spec first: the intent the operator watches. It is idempotent and needs no
             # compare-and-swap, so a cancel is never lost even if the status write races.
             patched = self.crs.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"cancelRequested": True}}
+                GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"cancelRequested": True}}, **self._timeout
             )
             if (patched.get("status") or {}) != (obj.get("status") or {}):
                 continue  # the operator moved the status meanwhile: decide again on fresh data

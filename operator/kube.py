@@ -60,13 +60,16 @@ class BatchResources:
     """Batch custom resources of one namespace: the reads and the compare-and-swap
     status writes that the gateway's store and the operator both make."""
 
-    def __init__(self, crs: kubernetes.client.CustomObjectsApi, namespace: str) -> None:
+    def __init__(self, crs: kubernetes.client.CustomObjectsApi, namespace: str, *,
+                 request_timeout: tuple[float, float] | None = None) -> None:
         self.crs = crs
         self.namespace = namespace
+        # (connect, read) seconds; None waits as long as the client does (forever).
+        self.timeout: dict[str, Any] = {"_request_timeout": request_timeout} if request_timeout else {}
 
     def get(self, name: str) -> dict[str, Any] | None:
         try:
-            return self.crs.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            return self.crs.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, **self.timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -80,7 +83,8 @@ class BatchResources:
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
-            return self.crs.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name, body)
+            return self.crs.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name, body,
+                                                                  **self.timeout)
         except ApiException as exc:
             if exc.status == 409:
                 raise StaleRecord(name) from exc
