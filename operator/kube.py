@@ -109,9 +109,6 @@ class Kube:
     def get_batch(self, name: str) -> dict[str, Any] | None:
         return self.batches.get(name)
 
-    def patch_batch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
-        return self.batches.patch_status(name, resource_version, status)
-
     def status_counts(self) -> dict[tuple[str, str | None], int]:
         """{(status, model): batches} of the namespace, listed a page at a time (metrics)."""
         counts: dict[tuple[str, str | None], int] = {}

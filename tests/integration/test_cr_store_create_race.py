@@ -91,3 +91,29 @@ def test_create_conflicting_every_time_still_creates_the_batch_once(cluster_env:
     got = store.get(PROJECT, record.id)
     assert got is not None and got.status == "validating"  # the operator validates it itself
     assert (got.created_at, got.input_file_id, got.metadata) == (record.created_at, "file-abc", {"k": "v"})
+
+
+def test_a_gateway_cancel_keeps_the_drivers_markers(cluster_env: ClusterEnv):
+    """One status save for both sides: a cancel through the gateway's store keeps the
+    clean-up marker and the StepFailed condition the operator's store wrote."""
+    from vbatch.core.schemas import StepFailure
+    from vbatch.operator.kube import Kube, api_client
+    from vbatch.operator.kube_batches import KubeBatches
+
+    env = cluster_env
+    store = KubeBatchStore.from_settings(env.settings)
+    record = new_record()
+    store.create(record)
+    driver_side = KubeBatches(Kube(api_client("operator"), env.cluster.namespace), env.settings)
+    running = driver_side.get(PROJECT, record.id)
+    running.cleanup_pending = True
+    running.step_failure = StepFailure(action="wait", kind="transient", code="storage_unavailable", message="down",
+                                       attempts=2, first_at=100.0, last_at=101.5, retry_at=103.5)
+    driver_side.save(running)
+    cancelled = store.request_cancel(PROJECT, record.id)
+    assert cancelled.status == "cancelling"
+    status = env.batch(record.id)["status"]
+    assert status["phase"] == "cancelling"
+    assert status["jobName"] == f"{batch_object_name(record.id)}-shards"
+    assert {c["type"] for c in status["conditions"]} == {"Succeeded", "StepFailed"}
+    assert driver_side.get(PROJECT, record.id).step_failure == running.step_failure
