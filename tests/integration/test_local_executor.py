@@ -103,7 +103,9 @@ def test_batch_completes_with_exact_counts_and_results(node):
 
 
 def test_counts_move_while_in_progress_and_cancel_keeps_partial_results(tmp_path):
-    node = Node(tmp_path, echo_delay_per_token=0.02)
+    # The worker runs all 6 shards at once: a small in-flight budget keeps it busy long
+    # enough to cancel mid-way.
+    node = Node(tmp_path, echo_delay_per_token=0.05, echo_max_in_flight=4)
     node.executor()
     record = node.submit(60)
     deadline = time.time() + 30
@@ -204,6 +206,26 @@ def test_an_input_file_deleted_before_launch_fails_the_batch_cleanly(tmp_path):
     assert done.errors.data[0].code == "input_file_not_found"
     for ex in node.running:
         ex.stop()
+
+
+def test_a_worker_killed_holding_shards_of_several_batches_completes_each_exactly_once(tmp_path):
+    node = Node(tmp_path, echo_delay_per_token=0.05, echo_max_in_flight=6)
+    ex = node.executor()
+    records = [node.submit(n, words=None) for n in (30, 20, 15)]  # 3 + 2 + 2 shards
+    slot = ex._slots[0]
+    deadline = time.time() + 30
+    while len({t.batch_id for t in list(slot.running.values())}) < 3 or slot.process is None:
+        assert time.time() < deadline, "the worker never held shards of every batch"
+        time.sleep(0.01)
+    os.kill(slot.process.pid, signal.SIGKILL)
+    for record in records:
+        done = node.wait(record.id, {BatchStatus.COMPLETED})
+        total = record.request_counts.total
+        assert done.request_counts.model_dump() == {"total": total, "completed": total, "failed": 0}
+        assert len(node.results(done)) == total
+    assert ex.runtime.workers.engine_loads == {"m": 2}
+    for e in node.running:
+        e.stop()
 
 
 def test_cancelled_before_launch_with_its_input_deleted_ends_cancelled(tmp_path):
