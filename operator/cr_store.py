@@ -71,7 +71,8 @@ def api_unavailable(exc: BaseException) -> bool:
     """The API server is away or overloaded: refused or dropped connections and timeouts
     (urllib3 raises them past the client), 5xx and throttling (429). A later try may work."""
     if isinstance(exc, ApiException):
-        return exc.status is not None and (exc.status >= 500 or exc.status in (408, 429))
+        # status 0: the client's own wrapping of a failed TLS handshake (the server went away mid-way)
+        return exc.status is not None and (exc.status >= 500 or exc.status in (0, 408, 429))
     return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
