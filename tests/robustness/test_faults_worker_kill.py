@@ -17,7 +17,7 @@ from collections import Counter
 
 import orjson
 import pytest
-from test_local_executor import Node, P
+from local_node import Node, P
 from vbatch.core import layout
 from vbatch.core.schemas import BatchStatus
 
