@@ -242,7 +242,10 @@ class FileService:
         self.store.delete(file_key(project, file_id))
         self.store.delete(file_key(project, file_id) + ".json")
         if raw is not None:
-            self.index.remove(project, FileObject.model_validate(raw))
+            meta = FileObject.model_validate(raw)
+            self.index.remove(project, meta)
+            if meta.expires_at is not None:  # never accepted: nothing for the sweeper to do
+                self.store.delete(file_index.expiry_key(project, meta.id, meta.expires_at))
 
     def delete(self, project: str, file_id: str) -> None:
         meta = self.get(project, file_id)

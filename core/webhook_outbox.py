@@ -225,6 +225,19 @@ class Deliverer:
         self._retry_later(delivery, endpoint.url, problem)
         return False
 
+    def retry_at(self, delivery: Delivery) -> float:
+        """When attempt `delivery.attempts + 1` is due: a pure function of the delivery
+        (first_at, attempts, id), not of the clock or of a shared random generator.
+        Two deliverers (two operator replicas) that both tried the same attempt so write
+        the same outbox entry, so a delivery never forks into copies that each retry on
+        their own; at worst an attempt is sent twice (same webhook-id), which
+        at-least-once delivery allows. Backoff doubles per attempt up to an hour, jittered
+        per delivery (so retries of many events spread out)."""
+        jitter = random.Random(f"{delivery.id}:{delivery.attempts}").uniform(0.8, 1.2)
+        waited = sum(min(self.backoff_seconds * 2 ** (n - 1), MAX_BACKOFF_SECONDS) for n in range(1, delivery.attempts))
+        delay = min(self.backoff_seconds * 2 ** (delivery.attempts - 1), MAX_BACKOFF_SECONDS)
+        return round(delivery.first_at + waited + delay * jitter, 3)
+
     def _retry_later(self, delivery: Delivery, url: str, problem: str) -> None:
         now = time.time()
         previous = delivery.next_at
@@ -234,8 +247,7 @@ class Deliverer:
                       delivery.attempts, problem)
             self.outbox.remove(delivery)
             return
-        delay = min(self.backoff_seconds * 2 ** (delivery.attempts - 1), MAX_BACKOFF_SECONDS)
-        delivery.next_at = now + delay * random.uniform(0.8, 1.2)  # spread retries of many events
+        delivery.next_at = self.retry_at(delivery)
         log.warning("webhook %s to %s failed (%s); attempt %d again in %.0f s", delivery.event["id"], url,
-                    problem, delivery.attempts + 1, delivery.next_at - now)
+                    problem, delivery.attempts + 1, max(0.0, delivery.next_at - now))
         self.outbox.update(delivery, previous)

@@ -27,6 +27,7 @@ with atheris.instrument_imports():
     from vbatch.api.services import Services
     from vbatch.api.uploads import _Upload
     from vbatch.core.config import Limits, Settings
+    from vbatch.core import file_index
     from vbatch.core.errors import VBatchError
     from vbatch.core.files import FileService
     from vbatch.core.storage.base import ObjectNotFound
@@ -72,6 +73,10 @@ class MemoryStore:
     def list(self, prefix: str) -> Iterator[str]:
         return iter(sorted(k for k in self.objects if k.startswith(prefix)))
 
+    def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:
+        keys = (k for k in self.list(prefix) if "/" not in k[len(prefix):])
+        return [k for k in keys if start_after is None or k > start_after][:limit]
+
     def delete_prefix(self, prefix: str) -> None:
         for key in list(self.list(prefix)):
             self.delete(key)
@@ -100,11 +105,19 @@ def upload(chunks: list[bytes]) -> tuple[str, object, dict[str, bytes]]:
         meta = asyncio.run(run())
     except VBatchError as exc:
         assert 400 <= exc.status_code < 500, exc
-        assert store.objects == {}, f"{type(exc).__name__} left {sorted(store.objects)}"
+        # (a project's "index built" marker is the only thing a refused upload may leave)
+        left = sorted(k for k in store.objects if not k.startswith(file_index.READY_PREFIX))
+        assert left == [], f"{type(exc).__name__} left {left}"
         return type(exc).__name__ + ":" + (exc.code or ""), None, store.objects
     content = store.objects[f"projects/fuzz/files/{meta.id}"]
     assert meta.bytes == len(content) <= MAX_FILE_BYTES
-    assert sorted(store.objects) == [f"projects/fuzz/files/{meta.id}", f"projects/fuzz/files/{meta.id}.json"]
+    # The bytes and the File object, plus its index and expiry entries (and the project's
+    # "index built" marker): nothing else, and nothing of another file.
+    data = [k for k in store.objects if k.startswith("projects/fuzz/files/")]
+    assert sorted(data) == [f"projects/fuzz/files/{meta.id}", f"projects/fuzz/files/{meta.id}.json"], data
+    others = [k for k in store.objects if k not in data and not k.startswith(file_index.READY_PREFIX)]
+    assert len(others) == 3 and all(k.startswith(("projects/fuzz/file-index/", file_index.EXPIRY_PREFIX))
+                                    for k in others), others  # asc + desc index entries, its expiry entry
     # (a filename with nothing printable left defaults to "<id>.jsonl": ids differ per run)
     return "ok", (content, meta.filename.replace(meta.id, "<id>")), store.objects
 

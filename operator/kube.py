@@ -72,13 +72,16 @@ class BatchResources:
     """Batch custom resources of one namespace: the reads and the compare-and-swap
     status writes that the gateway's store and the operator both make."""
 
-    def __init__(self, crs: kubernetes.client.CustomObjectsApi, namespace: str) -> None:
+    def __init__(self, crs: kubernetes.client.CustomObjectsApi, namespace: str, *,
+                 request_timeout: tuple[float, float] | None = None) -> None:
         self.crs = crs
         self.namespace = namespace
+        # (connect, read) seconds; None waits as long as the client does (forever).
+        self.timeout: dict[str, Any] = {"_request_timeout": request_timeout} if request_timeout else {}
 
     def get(self, name: str) -> dict[str, Any] | None:
         try:
-            return self.crs.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            return self.crs.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, **self.timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -92,7 +95,8 @@ class BatchResources:
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
-            return self.crs.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name, body)
+            return self.crs.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name, body,
+                                                                  **self.timeout)
         except ApiException as exc:
             if exc.status == 409:
                 raise StaleRecord(name) from exc
@@ -116,9 +120,6 @@ class Kube:
 
     def get_batch(self, name: str) -> dict[str, Any] | None:
         return self.batches.get(name)
-
-    def patch_batch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
-        return self.batches.patch_status(name, resource_version, status)
 
     def status_counts(self) -> dict[tuple[str, str | None], int]:
         """{(status, model): batches} of the namespace, listed a page at a time (metrics)."""

@@ -1,27 +1,24 @@
 """The driver's side of Batch resources: the record store over the CRs, and the hook
 that turns saves into what `kubectl describe batch` shows (Events, conditions).
 
-The store reads a Batch (skipping ones being deleted: kopf's delete handler owns
-those), fills in what a Batch applied with kubectl lacks (times, a learnt model), and
-writes status with a compare-and-swap. On top of the record mapping of `builders` it
-writes the driver's clean-up marker as status.jobName (present while the Job and working
-data may exist; the kopf timer keeps looking at finished batches that have it) and adds
-a `StepFailed` condition while `status.stepFailure` is set (both mapped by the model).
+The store is the gateway's CR store (operator/cr_store.py) seen by the driver: the same
+record mapping (times filled in for a Batch applied with kubectl) and the same status
+save with the driver's markers (status.jobName clean-up marker, stepFailure and its
+StepFailed condition). On top it skips Batches being deleted (kopf's delete handler owns
+those) and patches a model learnt from the input into the spec.
 """
 
 from __future__ import annotations
 
-import calendar
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from vbatch.core.batch_store import StaleRecord
 from vbatch.core.config import Settings
 from vbatch.core.ids import batch_object_name
-from vbatch.core.schemas import BatchRecord, BatchStatus, StepFailure
-from vbatch.operator import builders
+from vbatch.core.schemas import BatchRecord, BatchStatus
+from vbatch.operator.cr_store import owned, record_of, save_status
 from vbatch.operator.kube import Kube
 
 log = logging.getLogger("vbatch.operator")
@@ -38,63 +35,39 @@ PHASE_REASONS = {
 }
 
 
-def step_failed_condition(failure: StepFailure) -> dict[str, Any]:
-    """True while a step keeps failing (and on a batch that a failure ended)."""
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(failure.first_at))
-    return {"type": "StepFailed", "status": "True", "reason": "".join(p.capitalize() for p in failure.code.split("_")),
-            "message": f"{failure.action} failed {failure.attempts} time(s) ({failure.kind}): {failure.message}"[:32768],
-            "lastTransitionTime": since}
-
-
 class KubeBatches:
     """A BatchStore's get/save/unfinished over the Batch resources of one namespace."""
 
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
+        self.resources = kube.batches
         self.settings = settings
         self._without_model: set[str] = set()  # Batches read whose spec has no model yet
 
     def get(self, project: str, batch_id: str) -> BatchRecord | None:
-        obj = self.kube.get_batch(batch_object_name(batch_id))
-        if obj is None or obj["metadata"].get("deletionTimestamp"):
+        obj = self.resources.get(batch_object_name(batch_id))
+        if obj is None or obj["metadata"].get("deletionTimestamp") or not owned(obj, project):
             return None
-        record = self.record_of(obj)
-        return record if record.project == project else None
+        return self.record_of(obj)
 
     def record_of(self, obj: dict[str, Any]) -> BatchRecord:
-        record = builders.batch_record_from_resource(obj)
         name = obj["metadata"]["name"]
         if (obj.get("spec") or {}).get("model"):
             self._without_model.discard(name)
         else:
             self._without_model.add(name)
-        if record.status == BatchStatus.VALIDATING and not record.created_at:
-            # Applied directly (kubectl): no gateway stamped the times, so the CR's own
-            # creation time starts the completion window.
-            created = obj["metadata"].get("creationTimestamp")
-            record.created_at = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")) if created else int(time.time())
-        if record.status == BatchStatus.VALIDATING and record.expires_at is None:
-            window = self.settings.limits.completion_windows.get(record.completion_window)
-            if window is not None:
-                record.expires_at = record.created_at + window
-        return record
+        return record_of(obj, self.settings.limits.completion_windows)
 
     def save(self, record: BatchRecord) -> None:
         name = batch_object_name(record.id)
         revision = record.revision
         if record.model and name in self._without_model:
             revision = self._learn_model(name, record)
-        status = builders.build_batch_status(record)
-        status["jobName"] = builders.job_name(name) if record.cleanup_pending else None  # null deletes
-        status.setdefault("stepFailure", None)  # null deletes a failure that passed
-        if record.step_failure is not None:
-            status["conditions"] = [*status.get("conditions", []), step_failed_condition(record.step_failure)]
-        written = self.kube.patch_batch_status(name, revision, status)
-        record.revision = written["metadata"]["resourceVersion"]
+        save_status(self.resources, record, revision)
 
     def _learn_model(self, name: str, record: BatchRecord) -> str | None:
         """Status has no model field: a Batch applied without one learns it from its input."""
-        obj = self.kube.get_batch(name)
+        obj = self.resources.get(name)
         if obj is None or obj["metadata"].get("resourceVersion") != record.revision:
             raise StaleRecord(name)
         if (obj.get("spec") or {}).get("model"):

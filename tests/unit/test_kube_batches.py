@@ -17,11 +17,14 @@ class DictKube:
     def __init__(self) -> None:
         self.objects: dict[str, dict] = {}
         self.events: list[tuple[str, str, str]] = []
+        self.batches = self  # BatchResources' get/patch_status
 
     def get_batch(self, name):
         return self.objects.get(name)
 
-    def patch_batch_status(self, name, revision, status):
+    get = get_batch
+
+    def patch_status(self, name, revision, status):
         obj = self.objects[name]
         assert revision == obj["metadata"]["resourceVersion"]
         merged = {**obj.get("status", {}), **status}
