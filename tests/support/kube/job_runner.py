@@ -13,6 +13,9 @@ Pods are real objects too, with a finalizer playing the kubelet: deleting a Pod
 SIGTERM, and only after the process exited does the Pod disappear — so "no pods of
 this Job remain" means what it means on a real cluster.
 
+With a `kubelet` (tests/support/kube/kubelet.py), pods run as containers from the image
+their spec names instead of local processes: the image tests.
+
 Fault injection: `fail(job, index, attempt) -> bool` decides that an attempt fails
 (exit code 1) without running the worker; see `fail_once` / `fail_always`.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .fixtures import KubeCluster
+from .kubelet import Kubelet, PodSpecError
 
 KUBELET_FINALIZER = "vbatch.test/kubelet"
 JOB_API = ("batch/v1", "Job")
@@ -76,12 +80,14 @@ class JobState:
 
 class JobRunner:
     def __init__(self, cluster: KubeCluster, logs: Path, *, fail: FailHook | None = None,
-                 capacity: int = 8, poll: float = 0.1) -> None:
+                 capacity: int = 8, poll: float = 0.1, kubelet: Kubelet | None = None) -> None:
         self.cluster = cluster
         self.logs = logs
         self.fail = fail or (lambda job, index, attempt: False)
         self.capacity = capacity
         self.poll = poll
+        self.kubelet = kubelet
+        self.pod_errors: dict[str, str] = {}  # pod -> why its container could not be created
         self.jobs: dict[str, JobState] = {}  # by Job uid
         self.procs: dict[str, subprocess.Popen[bytes]] = {}  # by pod name
         self.terminated: set[str] = set()
@@ -105,6 +111,8 @@ class JobRunner:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.kubelet is not None:
+            self.kubelet.stop_all()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -209,11 +217,23 @@ class JobRunner:
                 command = list(container["command"]) + list(container.get("args") or [])
                 if command[0] == "vbatch":
                     command = [sys.executable, "-m", "vbatch.cli", *command[1:]]
-            log = open(self.logs / f"{pod_name}.log", "wb")
-            self.procs[pod_name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            log.close()
+            if self.kubelet is not None and not self.fail(state.name, index, attempt):
+                self.procs[pod_name] = self._container(pod_name, template["spec"], index)
+            else:
+                log = open(self.logs / f"{pod_name}.log", "wb")
+                self.procs[pod_name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+                log.close()
             state.running[index] = pod_name
             self.launched.append((state.name, index))
+
+    def _container(self, pod_name: str, pod_spec: dict[str, Any], index: int) -> subprocess.Popen[bytes]:
+        assert self.kubelet is not None
+        try:
+            return self.kubelet.start(pod_name, pod_spec, log=self.logs / f"{pod_name}.log",
+                                      extra_env={"JOB_COMPLETION_INDEX": str(index)})
+        except PodSpecError as exc:  # the pod fails, and the test can say why
+            self.pod_errors[pod_name] = str(exc)
+            return subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
 
     def _write_status(self, state: JobState) -> None:
         status: dict[str, Any] = {
