@@ -13,6 +13,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def ensure_images(engine: Engine, images: tuple[str, ...] = ("gateway", "worker-
     for image in missing:
         repo, _, tag = refs[image].rpartition(":")
         started = time.monotonic()
-        log = REPO / ".image-build.log"
+        log = Path(tempfile.gettempdir()) / "vbatch-image-build.log"
         with open(log, "ab") as out:
             done = subprocess.run([str(REPO / "scripts" / "build-images.sh"), IMAGES[image][0]], cwd=REPO,
                                   env={**env, "IMAGE_REPO": REPOSITORY, "IMAGE_TAG": tag},

