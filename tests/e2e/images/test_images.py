@@ -76,8 +76,10 @@ def test_gateway_container_serves_health_readiness_and_the_api_as_the_chart_runs
 def test_a_batch_through_gateway_operator_and_worker_containers(release_factory, worker_cpu_image):
     """Every component from its image: gateway and operator containers (gateway image), the
     worker pods the operator creates as containers of the CPU worker image."""
-    release = release_factory(**ECHO, worker={"extraEnv": {"VBATCH_ENGINE": "echo",
-                                                           "VBATCH_SHARD_TARGET_REQUESTS": "5"}})
+    release = release_factory(
+        gateway=ECHO["gateway"],
+        operator={"extraEnv": ECHO["operator"]["extraEnv"] + [{"name": "VBATCH_SHARD_TARGET_REQUESTS", "value": "5"}]},
+        worker={"extraEnv": {"VBATCH_ENGINE": "echo"}})
     gateway = release.start("gateway")
     operator = release.start("operator")
     url = release.wait_gateway(gateway)
@@ -92,7 +94,7 @@ def test_a_batch_through_gateway_operator_and_worker_containers(release_factory,
         logs = {p: (release.logs / "pods" / f"{p}.log").read_text(errors="replace")[-2000:] for p in pods}
         assert runner.pod_errors == {}, runner.pod_errors
         assert batch.status == "completed", (batch, release.log(operator)[-4000:], logs)
-    assert pods, "the operator created no worker pods"
+    assert len(pods) == 3, pods  # 12 requests, 5 per shard: one pod per shard
     counts = batch.request_counts
     assert (counts.total, counts.completed, counts.failed) == (12, 12, 0)
     lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]

@@ -111,8 +111,9 @@ class JobRunner:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if self.kubelet is not None:
-            self.kubelet.stop_all()
+        if self.kubelet is not None:  # the engine's client may go before its container
+            for name in self.procs:
+                self.kubelet.remove(name)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
