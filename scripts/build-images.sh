@@ -29,6 +29,12 @@ IMAGE_TAG="${IMAGE_TAG:-0.1.0}"
 BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim-bookworm}"
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(gateway worker-cpu)
+for target in "${targets[@]}"; do
+  case "$target" in
+    gateway|worker-cpu|worker) ;;
+    *) echo "unknown image '$target' (gateway, worker-cpu, worker)" >&2; exit 2 ;;
+  esac
+done
 
 common=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --layers)
 ca="${PIP_CERT:-${SSL_CERT_FILE:-}}"

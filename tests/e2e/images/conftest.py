@@ -4,6 +4,7 @@ the Kubernetes emulator and the S3 test server."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Iterator
@@ -84,7 +85,8 @@ class Release:
                     and o["metadata"]["name"].endswith(f"-{component}"))
 
     def pod_spec(self, component: str) -> dict[str, Any]:
-        return self.deployment(component)["spec"]["template"]["spec"]
+        """A copy: tests may change it."""
+        return copy.deepcopy(self.deployment(component)["spec"]["template"]["spec"])
 
     def start(self, component: str) -> str:
         """Runs the Deployment's pod as a container; returns the pod (and container) name."""

@@ -112,9 +112,9 @@ def test_a_batch_through_gateway_operator_and_worker_containers(release_factory,
 
 
 def test_a_pod_spec_the_image_cannot_satisfy_fails(release_factory):
-    """The test kubelet holds specs to the image: a worker pod spec whose root filesystem is
-    read-only but whose HOME has no writable volume fails to start a real engine's caches;
-    here the plainer case, a container that runs as root under runAsNonRoot, is refused."""
+    """The test kubelet holds specs to the image as a node would: root under runAsNonRoot is
+    refused before anything runs, and a read-only root filesystem without the chart's /tmp
+    emptyDir leaves the gateway nowhere to write, so its container exits non-zero."""
     release = release_factory(**ECHO)
     spec = release.pod_spec("gateway")
     spec["securityContext"] = {**spec["securityContext"], "runAsUser": 0}
