@@ -19,7 +19,7 @@ export VLLM_CPU_OMP_THREADS_BIND ?= 0-$(shell echo $$(( $(NPROC) - 1 )))
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit test-fast bench images lock clean
+.PHONY: install run test test-unit test-fast bench images lock clean crds
 
 install: $(VENV)/.installed $(VENV)/.linked
 
@@ -98,3 +98,7 @@ lock: install
 
 clean:
 	rm -rf $(VENV) vbatch-data .pytest_cache
+
+# The Batch CRD (crds/ and the chart's copy), generated from its model in core/batch_resource.py.
+crds:
+	$(PY) -m vbatch.core.batch_crd --write

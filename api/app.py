@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from vbatch.api import metrics, routes_batches, routes_files
+from vbatch.api import metrics, routes_batches, routes_files, routes_models
 from vbatch.api.errors import envelope, install_error_handlers
+from vbatch.api.http_protocol import KEEP_ALIVE_SECONDS
+from vbatch.api.limits import RequestLimitsMiddleware, UploadCapacity
 from vbatch.api.middleware import RequestContextMiddleware
 from vbatch.api.services import Services
 
@@ -35,10 +37,7 @@ def readyz(request: Request) -> JSONResponse:
     )
 
 
-# Idle keep-alive connections stay open longer than clients and proxies keep them
-# pooled (httpx 5 s, common load balancers 60 s): a server that closes first races
-# clients reusing the connection, which then see "disconnected without a response".
-KEEP_ALIVE_SECONDS = 75
+__all__ = ["KEEP_ALIVE_SECONDS", "create_app"]
 
 
 def create_app(services: Services) -> FastAPI:
@@ -48,10 +47,15 @@ def create_app(services: Services) -> FastAPI:
         description="OpenAI-compatible Files and Batches API, self-hosted.",
     )
     app.state.services = services
+    app.state.upload_capacity = UploadCapacity(services.settings)
     install_error_handlers(app)
+    # The last added runs first: request id and access log, then the limits (auth
+    # before any body, body caps and timeouts, HEAD).
+    app.add_middleware(RequestLimitsMiddleware, services=services)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
+    app.include_router(routes_models.router)
     app.include_router(health)
     app.include_router(metrics.router)
     return app

@@ -31,6 +31,26 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+def project_for(services: Services, api_key: str | None, project: str | None) -> str:
+    """The project these credentials open: 401 when one is missing, 403 when they do not fit."""
+    if not api_key:
+        raise AuthenticationFailed(
+            "Missing API key: send it in the x-api-key header (or Authorization: Bearer).",
+            code="missing_api_key",
+        )
+    if not project:
+        raise AuthenticationFailed("Missing x-project-id header.", code="missing_project_id")
+    services.keys.authenticate(api_key, project)  # PermissionDenied (403) when it does not fit
+    return project
+
+
+def key_from_headers(x_api_key: str | None, authorization: str | None) -> str | None:
+    if x_api_key:
+        return x_api_key
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
 def authenticate(
     request: Request,
     services: ServicesDep,
@@ -38,16 +58,13 @@ def authenticate(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     project: Annotated[str | None, Depends(_project_header)],
 ) -> str:
-    """The caller's project, once its key is proven to open it."""
+    """The caller's project, once its key is proven to open it.
+
+    `vbatch.api.limits` already checked the same headers before any body was read
+    (this dependency runs after FastAPI reads a JSON body); checking again is cheap.
+    """
     key = api_key or (bearer.credentials if bearer and bearer.scheme.lower() == "bearer" else None)
-    if not key:
-        raise AuthenticationFailed(
-            "Missing API key: send it in the x-api-key header (or Authorization: Bearer).",
-            code="missing_api_key",
-        )
-    if not project:
-        raise AuthenticationFailed("Missing x-project-id header.", code="missing_project_id")
-    services.keys.authenticate(key, project)  # PermissionDenied (403) when it does not fit
+    project = project_for(services, key, project)
     request.state.project = project  # for the access log line
     return project
 

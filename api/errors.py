@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from vbatch.core.errors import VBatchError
+from vbatch.core.config import Settings
+from vbatch.core.errors import VBatchError, clip
 
 # Location prefixes FastAPI puts in front of a field name; users only know the field.
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
@@ -61,9 +62,17 @@ def internal_error_body() -> dict[str, Any]:
     )
 
 
-async def _vbatch_error(_: Request, exc: Exception) -> JSONResponse:
+def retry_headers(exc: VBatchError, settings: Settings) -> dict[str, str]:
+    """Retry-After for errors a later retry can fix (busy, storage away or full)."""
+    return {"retry-after": str(settings.retry_after_seconds)} if exc.retryable else {}
+
+
+async def _vbatch_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, VBatchError)
-    return error_response(exc.status_code, exc.envelope())
+    headers = retry_headers(exc, request.app.state.services.settings)
+    if exc.status_code == 408:
+        headers["connection"] = "close"  # the rest of the body will never be read
+    return error_response(exc.status_code, exc.envelope(), headers=headers or None)
 
 
 def validation_error_body(exc: RequestValidationError) -> dict[str, Any]:
@@ -72,7 +81,7 @@ def validation_error_body(exc: RequestValidationError) -> dict[str, Any]:
     first = errors[0] if errors else {"type": "value_error", "loc": (), "msg": "Invalid request."}
     kind = first.get("type", "")
     path = [str(p) for p in first.get("loc", ()) if p not in _LOCATIONS]
-    param = ".".join(path) or None
+    param = clip(".".join(path)) or None
     if kind == "json_invalid":
         return envelope(
             "We could not parse the JSON body of your request. The body must be valid JSON.",
@@ -107,6 +116,8 @@ def _allowed_methods(request: Request) -> list[str]:
         match, _ = route.matches(request.scope)
         if match != Match.NONE:
             methods |= getattr(route, "methods", None) or set()
+    if "GET" in methods:
+        methods.add("HEAD")  # answered by the GET route (vbatch.api.limits)
     return sorted(methods)
 
 
@@ -116,10 +127,12 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     headers = exc.headers
     if status == 404:
         # What OpenAI answers for a route that does not exist.
-        message = f"Invalid URL ({request.method} {request.url.path})"
+        method = "HEAD" if request.scope.get("vbatch.head_request") else request.method
+        message = f"Invalid URL ({clip(method)} {clip(request.url.path)})"
         code = "unknown_url"
     elif status == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}."
+        method = "HEAD" if request.scope.get("vbatch.head_request") else request.method
+        message = f"Method {clip(method)} is not allowed on {clip(request.url.path)}."
         code = "method_not_allowed"
         others = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
         headers = others | {"allow": ", ".join(_allowed_methods(request))}
@@ -146,6 +159,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "Missing x-api-key/Authorization or x-project-id",
         403: "API key unknown, revoked or not granted for this project",
         404: "Unknown id (or another project's)",
+        408: "The request body stalled or arrived too slowly",
+        413: "Request body over its size limit",
+        429: "Too many uploads in progress for this project (Retry-After)",
         500: "Internal error",
+        503: "Storage unavailable or the server at capacity (Retry-After)",
     }.items()
 }

@@ -15,7 +15,8 @@ from vbatch.api.auth import ProjectDep, ServicesDep
 from vbatch.api.errors import ERROR_RESPONSES
 from vbatch.api.services import Services
 from vbatch.core import state
-from vbatch.core.errors import InvalidRequest, NotFound, VBatchError
+from vbatch.core.errors import InvalidRequest, NotFound, VBatchError, clip
+from vbatch.core.expiry import parse_expires_after
 from vbatch.core.schemas import (
     SUPPORTED_ENDPOINTS,
     Batch,
@@ -35,16 +36,18 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERROR_RESPO
 
 def check_request(body: CreateBatchRequest, services: Services) -> int:
     """The request's own fields (before any file is read). Returns the window in seconds."""
+    parse_expires_after(body.output_expires_after, param="output_expires_after",
+                        min_seconds=services.settings.file_expiry_min_seconds)
     if body.endpoint not in SUPPORTED_ENDPOINTS:
         raise InvalidRequest(
-            f"Invalid endpoint {body.endpoint!r}: supported endpoints are {', '.join(SUPPORTED_ENDPOINTS)}.",
+            f"Invalid endpoint {clip(body.endpoint)!r}: supported endpoints are {', '.join(SUPPORTED_ENDPOINTS)}.",
             code="invalid_endpoint",
             param="endpoint",
         )
     windows = services.settings.limits.completion_windows
     if body.completion_window not in windows:
         raise InvalidRequest(
-            f"Invalid completion_window {body.completion_window!r}: supported values are {', '.join(windows)}.",
+            f"Invalid completion_window {clip(body.completion_window)!r}: supported values are {', '.join(windows)}.",
             code="invalid_completion_window",
             param="completion_window",
         )
@@ -81,6 +84,8 @@ def _create(body: CreateBatchRequest, project: str, services: Services) -> Batch
         window_seconds=window_seconds,
         now=int(time.time()),
     )
+    record.output_expires_after_seconds = parse_expires_after(
+        body.output_expires_after, param="output_expires_after", min_seconds=services.settings.file_expiry_min_seconds)
     services.batches.create(record)  # durable once this returns: only then answer
     metrics.BATCHES_CREATED.inc()
     services.runner.submitted(record)
@@ -108,7 +113,7 @@ def list_batches(
 
 
 def _not_found(batch_id: str) -> NotFound:
-    return NotFound(f"No such batch: {batch_id}", code="batch_not_found", param="batch_id")
+    return NotFound(f"No such batch: {clip(batch_id)}", code="batch_not_found", param="batch_id")
 
 
 def _get(services: Services, project: str, batch_id: str) -> BatchRecord:

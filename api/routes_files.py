@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from vbatch.api.auth import ProjectDep, ServicesDep
 from vbatch.api.errors import ERROR_RESPONSES
+from vbatch.api.limits import is_head_request
 from vbatch.api.uploads import UPLOAD_OPENAPI, receive_upload
 from vbatch.core.schemas import FileDeleted, FileObject, ListPage
 
@@ -59,7 +60,10 @@ def content_type_for(meta: FileObject) -> str:
     responses={200: {"content": {"application/jsonl": {}, "application/octet-stream": {}}}},
     summary="Download a file's bytes (streamed)",
 )
-def file_content(file_id: str, project: ProjectDep, services: ServicesDep) -> StreamingResponse:
+def file_content(file_id: str, project: ProjectDep, services: ServicesDep, request: Request) -> Response:
+    if is_head_request(request.scope):  # the headers only: no reason to read the bytes
+        meta = services.files.get(project, file_id)
+        return Response(media_type=content_type_for(meta), headers={"content-length": str(meta.bytes)})
     # `open` fails eagerly (404) before any byte is sent; the chunks are then
     # pulled from storage one at a time as the client reads.
     meta, chunks = services.files.open(project, file_id)

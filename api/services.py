@@ -54,5 +54,9 @@ class Services:
     runner: BatchRunner = field(default_factory=NoopRunner)
     # Model ids the deployment serves; None accepts any id (the echo test engine).
     served_models: Collection[str] | None = None
+    # What GET /v1/models lists (the catalog's ids; for the echo test engine too).
+    model_ids: list[str] = field(default_factory=list)
+    models_created: int = 0
+    models_owned_by: str = "vbatch"
     # /readyz answers 503 while this is False (e.g. storage or store not reachable yet).
     ready: Callable[[], bool] = _always_ready

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import queue
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from vbatch.api import metrics
 from vbatch.api.services import Services
-from vbatch.core.errors import InvalidRequest, PayloadTooLarge, VBatchError
+from vbatch.core.errors import InvalidRequest, PayloadTooLarge, VBatchError, clip
+from vbatch.core.expiry import parse_expires_after
 from vbatch.core.schemas import FileObject, FilePurpose
 
 log = logging.getLogger("vbatch.api.uploads")
@@ -50,6 +52,8 @@ UPLOAD_OPENAPI: dict[str, Any] = {
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "The JSONL input file."},
                         "purpose": {"type": "string", "enum": list(ACCEPTED_PURPOSES)},
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {"type": "integer", "minimum": 1, "maximum": 2592000},
                     },
                 }
             }
@@ -167,7 +171,7 @@ class _Events:
 
 def _invalid_purpose(purpose: str) -> InvalidRequest:
     return InvalidRequest(
-        f"Invalid purpose {purpose!r}: files uploaded here must have purpose 'batch'.",
+        f"Invalid purpose {clip(purpose)!r}: files uploaded here must have purpose 'batch'.",
         code="invalid_purpose",
         param="purpose",
     )
@@ -186,8 +190,10 @@ def _boundary(request: Request) -> bytes:
 class _Upload:
     """One upload in flight: parses the body, feeds the file part, collects errors."""
 
-    def __init__(self, request: Request, project: str, services: Services) -> None:
+    def __init__(self, request: Request, project: str, services: Services, executor: Executor | None = None) -> None:
         self.request = request
+        # The uploads' own threads (vbatch.api.limits.UploadCapacity); None: asyncio's default.
+        self.executor = executor
         self.project = project
         self.services = services
         self.max_bytes = services.settings.limits.max_file_bytes
@@ -202,23 +208,37 @@ class _Upload:
         # The first client error; the rest of the body is then read and dropped so
         # the client, still sending, gets to read the answer.
         self.error: VBatchError | None = None
+        # expires_after[anchor] / expires_after[seconds], as sent (see _expiry_seconds).
+        self.expiry: dict[str, str] = {}
+        self.expiry_at_start: int | None = None  # what the file was stored with
+
+    def _expiry_seconds(self) -> int | None:
+        """OpenAI's expires_after form fields -> seconds (400 when invalid)."""
+        if not self.expiry:
+            return None
+        return parse_expires_after(
+            dict(self.expiry), param="expires_after", min_seconds=self.services.settings.file_expiry_min_seconds
+        )
 
     def _start_file(self, filename: str | None) -> None:
         pipe = _Pipe(self.loop)
         files, project, max_bytes = self.services.files, self.project, self.max_bytes
+        # Both fields before the file: stored with them; otherwise set once all arrived.
+        expires = self.expiry_at_start = self._expiry_seconds() if len(self.expiry) >= 2 else None
 
         def store() -> FileObject:
             try:
                 # Only 'batch' is accepted; a purpose arriving later that is not
                 # 'batch' deletes this file again.
                 return files.create(
-                    project, pipe.chunks(), filename=filename, purpose=FilePurpose.BATCH, max_bytes=max_bytes
+                    project, pipe.chunks(), filename=filename, purpose=FilePurpose.BATCH, max_bytes=max_bytes,
+                    expires_after_seconds=expires,
                 )
             finally:
                 pipe.consumer_done()
 
         self.pipe = pipe
-        self.job = asyncio.ensure_future(self.loop.run_in_executor(None, store))
+        self.job = asyncio.ensure_future(self.loop.run_in_executor(self.executor, store))
 
     async def _handle(self, kind: str, value: Any) -> None:
         if kind == "start":
@@ -242,7 +262,7 @@ class _Upload:
                 name, buf = self.field
                 buf.extend(value[: MAX_FIELD_BYTES + 1 - len(buf)])
                 if len(buf) > MAX_FIELD_BYTES:
-                    raise InvalidRequest(f"Field {name!r} is too long.", code="field_too_large", param=name)
+                    raise InvalidRequest(f"Field {clip(name)!r} is too long.", code="field_too_large", param=clip(name))
         elif kind == "end":
             if self.in_file:
                 assert self.pipe is not None
@@ -255,7 +275,11 @@ class _Upload:
                     self.purpose = buf.decode("utf-8", "replace").strip()
                     if not self.file_seen and self.purpose not in ACCEPTED_PURPOSES:
                         raise _invalid_purpose(self.purpose)
-                # Other fields (e.g. the SDK's expires_after[...]) are accepted and ignored.
+                elif name.startswith("expires_after[") and name.endswith("]"):
+                    self.expiry[name[len("expires_after[") : -1]] = buf.decode("utf-8", "replace").strip()
+                    if not self.file_seen and len(self.expiry) >= 2:
+                        self._expiry_seconds()  # refuse a bad value before storing anything
+                # Other fields are accepted and ignored.
 
     async def _read_body(self, parser: MultipartParser) -> None:
         received = 0
@@ -270,16 +294,22 @@ class _Upload:
                 return
             if self.error is not None:
                 continue  # draining
+            unparsable = False
             try:
                 parser.write(chunk)
+            except FormParserError:
+                unparsable = True
+            try:
+                # What the parser saw before a syntax error comes first, so the answer
+                # does not depend on where the network cut the body (found by fuzzing).
                 for kind, value in self.events.items:
                     await self._handle(kind, value)
-            except FormParserError:
-                self.error = InvalidRequest("The multipart body could not be parsed.", code="invalid_multipart")
             except VBatchError as exc:
                 self.error = exc
             finally:
                 self.events.items.clear()
+            if unparsable and self.error is None:
+                self.error = InvalidRequest("The multipart body could not be parsed.", code="invalid_multipart")
         if self.error is None:
             try:
                 parser.finalize()
@@ -308,12 +338,20 @@ class _Upload:
         assert self.job is not None
         stored = await self.job  # PayloadTooLarge / StorageError propagate as they are
         if self.purpose is None or self.purpose not in ACCEPTED_PURPOSES:
-            await self.loop.run_in_executor(None, self.services.files.delete, self.project, stored.id)
+            await self.loop.run_in_executor(self.executor, self.services.files.discard, self.project, stored.id)
             if self.purpose is None:
                 raise InvalidRequest(
                     "Missing required parameter: 'purpose'.", code="missing_required_parameter", param="purpose"
                 )
             raise _invalid_purpose(self.purpose)
+        try:
+            expires = self._expiry_seconds()
+        except VBatchError:
+            await self.loop.run_in_executor(None, self.services.files.delete, self.project, stored.id)
+            raise
+        if expires is not None and expires != self.expiry_at_start:  # the fields came after the file
+            stored = await self.loop.run_in_executor(
+                None, self.services.files.set_expiry, self.project, stored.id, expires)
         metrics.FILES_UPLOADED.inc()
         return stored
 
@@ -332,8 +370,14 @@ class _Upload:
             log.exception("storing an abandoned upload failed")
             return
         # The file part had completed before the request went wrong.
-        await self.loop.run_in_executor(None, self.services.files.delete, self.project, stored.id)
+        await self.loop.run_in_executor(self.executor, self.services.files.discard, self.project, stored.id)
 
 
 async def receive_upload(request: Request, project: str, services: Services) -> FileObject:
-    return await _Upload(request, project, services).run()
+    """Store one upload, if this project and the gateway have an upload slot free
+    (429 / 503 with Retry-After otherwise: refused at once, never queued)."""
+    capacity = getattr(request.app.state, "upload_capacity", None)
+    if capacity is None:
+        return await _Upload(request, project, services).run()
+    with capacity.slot(project):
+        return await _Upload(request, project, services, capacity.executor).run()

@@ -205,7 +205,7 @@ PREFIX_WORKLOADS = {
 async def _prefix_runs(mdir: Path, workloads: dict, max_tokens: int, rounds: int, tmp: Path) -> dict:
     from vbatch.core import layout
     from vbatch.core.storage.local import LocalObjectStore
-    from vbatch.worker.catalog import ModelSpec
+    from vbatch.core.catalog import ModelSpec
     from vbatch.worker.engines.vllm import VllmEngine
     from vbatch.worker.shard import run_shard
 

@@ -29,7 +29,7 @@ REPO = HERE.parent
 DOC, PNG, RESULTS = REPO / "docs" / "benchmarks.md", REPO / "docs" / "benchmarks.png", HERE / "results.json"
 KEEP = "<!-- Hand-written analysis below this line is kept by bench/report.py. -->"
 KEYS = ["validation_vs_orjson", "upload_vs_direct_put", "upload_peak_rss_mb", "merge_vs_concat",
-        "shard_scaling_efficiency_s8", "e2e_vs_llm_chat", "e2e_vs_run_batch"]
+        "shard_scaling_efficiency_s8", "e2e_vs_llm_chat", "e2e_vs_run_batch", "file_list_page_20k_vs_20"]
 # key -> (goal as text, goal number for the plot or None, higher is better)
 GOALS = {
     "validation_vs_orjson": (">= 0.7", 0.7),
@@ -39,8 +39,9 @@ GOALS = {
     "shard_scaling_efficiency_s8": ("none set (1.0 = perfect)", None),
     "e2e_vs_llm_chat": (">= 0.95 (excl. model load)", 0.95),
     "e2e_vs_run_batch": (">= 1.0 (wall-clock)", 1.0),
+    "file_list_page_20k_vs_20": ("about 1 (O(page), lower is better)", None),
 }
-BENCHES = ["validate", "upload", "merge", "scaling", "engine", "prefix"]
+BENCHES = ["validate", "upload", "merge", "scaling", "engine", "prefix", "listing"]
 
 
 def run_all(only: list[str], quick: bool, size_mb: float | None) -> tuple[dict, dict, dict]:
@@ -56,6 +57,7 @@ def run_all(only: list[str], quick: bool, size_mb: float | None) -> tuple[dict, 
                                                      rounds=1 if quick else 2),
         "prefix": lambda t: __import__("engine").run_prefix(
             t, workloads={"one_system_prompt": (64, 1, 200), "16_system_prompts": (64, 16, 300)} if quick else None),
+        "listing": lambda t: __import__("listing").run(t, files_n=2_000 if quick else 20_000, rounds=10 if quick else 30),
     }
     details, errors, seconds = {}, {}, {}
     for name in BENCHES:
@@ -86,6 +88,7 @@ def figures(details: dict) -> dict:
         "shard_scaling_efficiency_s8": d("scaling", "shard_scaling_efficiency_s8"),
         "e2e_vs_llm_chat": d("engine", "e2e_vs_llm_chat"),
         "e2e_vs_run_batch": d("engine", "e2e_vs_run_batch"),
+        "file_list_page_20k_vs_20": d("listing", "file_list_page_big_vs_small"),
     }
 
 
@@ -137,9 +140,19 @@ def rows(details: dict, errors: dict) -> list[tuple[str, str, list[tuple]]]:
              w["speedup"], "none set",
              f"{w['requests']} requests, {w['system_prompts']} system prompt(s) assigned round-robin, "
              f"{w['prompt_tokens']} prompt tokens in all, 4 output tokens each") for name, w in p.items()]))
+    li = details.get("listing") or {}
+    if li:
+        out.append(("File listing with a per-project index (S3 storage on nanio)", "listing", [
+            ("file_list_page_20k_vs_20", f"page of {li['page']} with {li['files']} files {li['page_ms_big']} ms",
+             f"with {li['page']} files {li['page_ms_small']} ms", li["file_list_page_big_vs_small"],
+             GOALS["file_list_page_20k_vs_20"][0],
+             f"median of {li['rounds']} interleaved rounds; a page after a cursor in the middle of the 20,000: "
+             f"{li['middle_page_ms_big']} ms ({li['file_list_middle_page_big_vs_small']}x); "
+             f"storage requests per page {li['requests_per_page_big']} vs {li['requests_per_page_small']}; "
+             f"reading every File object, as before the index: ~{li['full_scan_seconds_big']} s")]))
     for title, bench in [("Input validation", "validate"), ("Upload", "upload"), ("Result merge", "merge"),
                          ("Shard scaling", "scaling"), ("Real engine end to end", "engine"),
-                         ("Prefix-aware ordering", "prefix")]:
+                         ("Prefix-aware ordering", "prefix"), ("File listing", "listing")]:
         if bench in errors:
             out.append((title, bench, [("(not measured)", "", "", None, "", errors[bench])]))
     return out

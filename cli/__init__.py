@@ -2,6 +2,7 @@
 
     vbatch serve      the gateway (+ the local executor in single-node mode)
     vbatch keys       create / revoke API keys (stores only their hashes)
+    vbatch webhooks   add / list / remove a project's webhook endpoints
     vbatch worker     run one shard (what Job pods and the local executor run)
     vbatch operator   the kopf operator (cluster mode)
     vbatch models     prepare the bundled demo model
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key")
     _data_dir_arg(revoke)
 
+    from vbatch.cli.webhooks import add_parser as add_webhooks_parser
+
+    add_webhooks_parser(commands, _data_dir_arg)
+
     commands.add_parser("worker", help="run one shard (see `vbatch worker --help`)", add_help=False)
     commands.add_parser("operator", help="run the kopf operator (cluster mode)", add_help=False)
 
@@ -97,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from vbatch.cli.keys import keys_command
 
         return keys_command(args)
+    if args.command == "webhooks":
+        from vbatch.cli.webhooks import webhooks_command
+
+        return webhooks_command(args)
     if args.command == "models":
         from vbatch.cli.serve import settings_for
         from vbatch.worker.models import main_prepare

@@ -17,7 +17,11 @@ def key_file(args: argparse.Namespace):
 def keys_command(args: argparse.Namespace) -> int:
     store = KeyStore(key_file(args))
     if args.keys_command == "create":
-        api_key = store.create(args.project)
+        try:
+            api_key = store.create(args.project)
+        except ValueError as exc:
+            print(f"vbatch keys create: {exc}", file=sys.stderr)
+            return 2
         print(f"Created an API key for project {args.project!r}. It is shown only this once:", file=sys.stderr)
         print(api_key)  # alone on the last line of stdout, for scripts
         return 0

@@ -1,7 +1,7 @@
 """Where batch records live: the protocol both modes implement.
 
 Single-node mode: `vbatch.core.sqlite_store.SqliteBatchStore` (durable, WAL).
-Cluster mode: `vbatch.api.kube_store.KubeBatchStore` (Batch custom resources).
+Cluster mode: `vbatch.operator.cr_store.KubeBatchStore` (Batch custom resources).
 Records are returned as copies; callers change them and `save` them back.
 """
 
@@ -41,5 +41,6 @@ class BatchStore(Protocol):
         ...
 
     def unfinished(self) -> Iterator[BatchRecord]:
-        """Every batch of every project not yet in a terminal status (for executors)."""
+        """Every batch of every project the driver must still look at: not yet terminal,
+        or terminal with its clean-up pending (`cleanup_pending`)."""
         ...

@@ -10,14 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
 from pathlib import Path
 
 from vbatch.core.errors import PermissionDenied
+from vbatch.core.projects import InvalidProjectId, check_project_id, is_project_id
 
 KEY_PREFIX = "vb-"
+log = logging.getLogger(__name__)
+
+
+class InvalidKeyFile(ValueError):
+    """The key file has a line that grants an id outside the project-id grammar."""
+
+
+def _bad_id(project: str) -> str:
+    try:
+        check_project_id(project)
+    except InvalidProjectId as exc:
+        return str(exc)
+    return ""
 
 
 def hash_key(api_key: str) -> str:
@@ -42,16 +57,37 @@ class KeyStore:
         if mtime == self._mtime:
             return
         grants: dict[str, tuple[str, bool]] = {}
-        for raw in self.path.read_text(encoding="utf-8").splitlines():
+        for lineno, raw in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
             parts = raw.split()
             if len(parts) < 2 or not parts[0].startswith("sha256:"):
+                continue
+            if not is_project_id(parts[1]):
+                # Refused, never used: such an id could name another project's storage.
+                # (`check` makes this a start-up error; a file rotated later only logs.)
+                log.error("%s line %d: %s; the key is ignored", self.path, lineno, _bad_id(parts[1]))
                 continue
             grants[parts[0]] = (parts[1], "revoked" in parts[2:])
         self._grants, self._mtime = grants, mtime
 
+    def check(self) -> None:
+        """Raise InvalidKeyFile naming every line whose project id breaks the grammar."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        problems = []
+        for lineno, raw in enumerate(lines, 1):
+            parts = raw.split()
+            if len(parts) >= 2 and parts[0].startswith("sha256:") and not is_project_id(parts[1]):
+                problems.append(f"line {lineno}: {_bad_id(parts[1])}")
+        if problems:
+            raise InvalidKeyFile(
+                f"API key file {self.path}: " + "; ".join(problems[:5])
+                + ". Re-create those keys with a valid --project and remove the lines."
+            )
+
     def create(self, project: str) -> str:
-        if not project or any(ch.isspace() for ch in project):
-            raise ValueError("project must be a non-empty name without spaces")
+        check_project_id(project)  # InvalidProjectId (a ValueError) names the rule
         api_key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)

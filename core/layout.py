@@ -12,13 +12,17 @@ from __future__ import annotations
 import re
 
 from pydantic import BaseModel, Field
+from vbatch.core.projects import check_project_id
 from vbatch.core.schemas import BatchUsage
 
 _PART = re.compile(r"/part-(\d+)\.jsonl$")
 
 
 def batch_prefix(project: str, batch_id: str) -> str:
-    return f"projects/{project}/batches/{batch_id}/"
+    # The storage-key boundary: ids with path syntax never reach another prefix.
+    if not batch_id or "/" in batch_id:
+        raise ValueError(f"invalid batch id {batch_id[:80]!r}")
+    return f"projects/{check_project_id(project)}/batches/{batch_id}/"
 
 
 def shard_key(project: str, batch_id: str, shard: int) -> str:
@@ -53,3 +57,8 @@ class ShardProgress(BaseModel):
     parts: int = 0
     finished: bool = False
     updated_at: float = 0.0
+    # When the first result part of any attempt was written (unix seconds), and the
+    # worker seconds spent on this shard over all attempts: read by the driver for
+    # metrics (this record outlives the worker pod).
+    first_result_at: float | None = None
+    gpu_seconds: float = 0.0

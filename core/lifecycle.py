@@ -10,6 +10,7 @@ id, so a finalize interrupted by a crash overwrites its own earlier attempt.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Collection, Iterator
 
@@ -33,6 +34,8 @@ from vbatch.core.schemas import (
 from vbatch.core.sharding import normalized_lines, shard_count_for, write_shards
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore
 from vbatch.core.validation import validate_jsonl
+
+log = logging.getLogger("vbatch.driver")
 
 
 def result_file_id(batch_id: str, kind: str) -> str:
@@ -94,12 +97,18 @@ def launch(store: ObjectStore, files: FileService, record: BatchRecord, settings
 
 
 def read_progress(store: ObjectStore, record: BatchRecord) -> list[ShardProgress | None]:
+    """Each shard's progress record, None where there is none yet, or it cannot be read:
+    progress is advisory (the parts are the truth, and the worker rewrites it whole after
+    every part), so an unreadable one never stops a batch."""
     progress: list[ShardProgress | None] = []
     for shard in range(record.shard_count or 0):
         try:
             raw = store.get_bytes(progress_key(record.project, record.id, shard))
             progress.append(ShardProgress.model_validate(orjson.loads(raw)))
         except ObjectNotFound:
+            progress.append(None)
+        except ValueError as exc:
+            log.warning("batch %s: progress of shard %d unreadable (%s); counted as not finished", record.id, shard, exc)
             progress.append(None)
     return progress
 
@@ -113,9 +122,19 @@ def with_progress(record: BatchRecord, progress: list[ShardProgress | None]) -> 
         if p:
             usage.add(p.usage.input_tokens, p.usage.output_tokens)
             usage.input_tokens_details.cached_tokens += p.usage.input_tokens_details.cached_tokens
-    updated = record.model_copy(deep=True)
+    updated = with_worker_figures(record, progress)
     updated.request_counts = RequestCounts(total=record.request_counts.total, completed=completed, failed=failed)
     updated.usage = usage
+    return updated
+
+
+def with_worker_figures(record: BatchRecord, progress: list[ShardProgress | None]) -> BatchRecord:
+    """The record with the first result time and worker seconds of its shards (metrics)."""
+    firsts = [p.first_result_at for p in progress if p and p.first_result_at is not None]
+    updated = record.model_copy(deep=True)
+    if firsts:
+        updated.first_result_at = min(firsts + ([record.first_result_at] if record.first_result_at else []))
+    updated.gpu_seconds = max(record.gpu_seconds, sum(p.gpu_seconds for p in progress if p))
     return updated
 
 
@@ -125,20 +144,34 @@ def finish(
     record: BatchRecord,
     *,
     missing_code: str,
+    missing_message: str | None = None,
     failed_shards: frozenset[int] = frozenset(),
+    to: BatchStatus | None = None,
+    errors: list[BatchErrorItem] | None = None,
     now: int,
 ) -> BatchRecord:
     """Merge every shard's results into the output and error files and move the
-    batch to its terminal status: completed/failed (finalizing), cancelled
-    (cancelling) or expired (in_progress past its window)."""
-    if record.status == BatchStatus.IN_PROGRESS and missing_code != "batch_expired":
+    batch to its terminal status `to` (by default: completed/failed from finalizing,
+    cancelled from cancelling, expired from in_progress). Requests without a result
+    get error lines with `missing_code`; `errors` are put first in the batch's errors."""
+    if to is None:
+        to = _default_end(record, missing_code, failed_shards)
+    if record.status == BatchStatus.IN_PROGRESS and to in (BatchStatus.COMPLETED, BatchStatus.FAILED):
         record = state.transition(record, BatchStatus.FINALIZING, now)
+    items = list(errors or [])
     if record.shard_count is None and record.status != BatchStatus.VALIDATING and record.request_counts.total:
-        # Cancelled or expired before launch: one shard so every line still gets its error line.
-        write_shards(store, record.project, record.id, input_lines(files, record), 1)
-        record = record.model_copy(update={"shard_count": 1})
+        # Ended before launch: one shard from the input, so every line still gets its error line.
+        try:
+            write_shards(store, record.project, record.id, input_lines(files, record), 1)
+            record = record.model_copy(update={"shard_count": 1})
+        except NotFound:
+            # The input is gone and nothing was launched: no line can be named. The counts
+            # say how many requests did not run; the errors entry says why.
+            return _end_without_lines(record, to, items, now)
+    record = with_worker_figures(record, read_progress(store, record))
     merged = merge_shards(
-        store, record.project, record.id, record.shard_count or 0, missing_code=missing_code, failed_shards=failed_shards
+        store, record.project, record.id, record.shard_count or 0, missing_code=missing_code,
+        missing_message=missing_message, failed_shards=failed_shards,
     )
     try:
         done = record.model_copy(deep=True)
@@ -148,22 +181,53 @@ def finish(
             done.output_file_id = _store_result(files, record, merged.output, kind="output").id
         if merged.counts.failed:
             done.error_file_id = _store_result(files, record, merged.errors, kind="error").id
+        unreadable = len(merged.unreadable_parts)
     finally:
         merged.close()
-    if failed_shards:
-        done.errors = BatchErrors(
-            data=[
-                BatchErrorItem(code="shard_failed", message=f"shard {n} failed past its retry budget")
-                for n in sorted(failed_shards)
-            ]
-        )
-    if done.status == BatchStatus.FINALIZING:
+    items += [BatchErrorItem(code="shard_failed", message=f"shard {n} failed past its retry budget")
+              for n in sorted(failed_shards)]
+    if unreadable:
+        items.append(BatchErrorItem(code="result_unreadable", message=(
+            f"{unreadable} result part(s) could not be read and were skipped; "
+            "their requests are error lines with code result_unreadable")))
+    if items:
+        done.errors = BatchErrors(data=items)
+    if to == BatchStatus.COMPLETED and done.status == BatchStatus.FINALIZING:
         to = state.outcome_status(done.shard_count or 0, len(failed_shards))
-    elif done.status == BatchStatus.CANCELLING:
-        to = BatchStatus.CANCELLED
-    else:
-        to = BatchStatus.EXPIRED
     return state.transition(done, to, now)
+
+
+def _default_end(record: BatchRecord, missing_code: str, failed_shards: frozenset[int]) -> BatchStatus:
+    if record.status == BatchStatus.CANCELLING:
+        return BatchStatus.CANCELLED
+    if record.status == BatchStatus.IN_PROGRESS and missing_code == "batch_expired":
+        return BatchStatus.EXPIRED
+    return BatchStatus.COMPLETED  # finalize: completed, or failed if every shard failed
+
+
+def _end_without_lines(record: BatchRecord, to: BatchStatus, items: list[BatchErrorItem], now: int) -> BatchRecord:
+    total = record.request_counts.total
+    done = record.model_copy(deep=True)
+    done.request_counts = RequestCounts(total=total, completed=0, failed=total)
+    items.append(BatchErrorItem(code="input_file_not_found", param="input_file_id", message=(
+        f"The input file {record.input_file_id} was deleted before the batch started: its {total} "
+        "request(s) did not run, and without the file they cannot be listed in an error file.")))
+    done.errors = BatchErrors(data=items)
+    return _end(done, BatchStatus.FAILED if to == BatchStatus.COMPLETED else to, now)
+
+
+def _end(record: BatchRecord, to: BatchStatus, now: int) -> BatchRecord:
+    if record.status == BatchStatus.IN_PROGRESS and to in (BatchStatus.COMPLETED, BatchStatus.FAILED):
+        record = state.transition(record, BatchStatus.FINALIZING, now)
+    return state.transition(record, to, now)
+
+
+def end_unmerged(record: BatchRecord, to: BatchStatus, errors: list[BatchErrorItem], now: int) -> BatchRecord:
+    """The last resort when even merging fails past the budget: end the batch with its
+    errors and the counts it had; result files cannot be written."""
+    done = record.model_copy(deep=True)
+    done.errors = BatchErrors(data=list(errors))
+    return _end(done, to, now)
 
 
 def _store_result(files: FileService, record: BatchRecord, spool, *, kind: str):
@@ -174,6 +238,7 @@ def _store_result(files: FileService, record: BatchRecord, spool, *, kind: str):
         purpose=FilePurpose.BATCH_OUTPUT,
         is_error=True if kind == "error" else None,
         file_id=result_file_id(record.id, kind),
+        expires_after_seconds=record.output_expires_after_seconds or files.output_retention_seconds,
     )
 
 

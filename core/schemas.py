@@ -134,16 +134,42 @@ class Batch(BaseModel):
     metadata: dict[str, str] | None = None
 
 
+class StepFailure(BaseModel):
+    """The last failed step of a batch's driver, kept on the record so that the retry
+    budget survives restarts and the failure is visible (a condition, events, logs)."""
+
+    action: str  # the step: validate, launch, wait, finalize, cancel, expire, clean_up
+    kind: str  # transient | permanent (vbatch.core.errors.classify)
+    code: str
+    message: str
+    attempts: int = 1
+    first_at: float = 0.0
+    last_at: float = 0.0
+    retry_at: float = 0.0  # not before: the backoff
+
+
 class BatchRecord(Batch):
     """A Batch plus what only the service needs. Never sent over the wire as is."""
 
     project: str
     cancel_requested: bool = False
     shard_count: int | None = None
+    # Shards asked for (a Batch resource's spec.shards); None: planned from the size.
+    requested_shards: int | None = None
+    # Working data (shards, parts, progress) may exist and must be removed once the batch
+    # is terminal: set by LAUNCH (and every terminal save), cleared after the removal, so
+    # a crash in between brings the clean-up back (status.jobName on the Batch resource).
+    cleanup_pending: bool = False
+    step_failure: StepFailure | None = None
     # Optimistic concurrency: the store's version of this record (a counter in
     # SQLite, metadata.resourceVersion for custom resources). Saving a record
     # whose revision is stale fails, so a driver never overwrites a cancel.
     revision: str | None = None
+    # Seconds the result files live (output_expires_after); None: the default.
+    output_expires_after_seconds: int | None = None
+    # Worker figures, summed from the shards' progress records (metrics).
+    first_result_at: float | None = None
+    gpu_seconds: float = 0.0
 
     def to_wire(self) -> Batch:
         return Batch.model_validate(self.model_dump(include=set(Batch.model_fields)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from vbatch.core import state
 from vbatch.core.batch_store import StaleRecord
+from vbatch.core.errors import StorageError
 from vbatch.core.schemas import TERMINAL_STATUSES, BatchRecord
 
 _SCHEMA = """
@@ -23,9 +25,33 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE INDEX IF NOT EXISTS batches_by_project ON batches (project, id);
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
 """
+# Finished batches whose working data is still to be removed (see BatchRecord.cleanup_pending):
+# a column, so the driver's round finds them without reading every record.
+_CLEANUP_COLUMN = "ALTER TABLE batches ADD COLUMN cleanup_pending INTEGER NOT NULL DEFAULT 0"
+_CLEANUP_INDEX = "CREATE INDEX IF NOT EXISTS batches_by_cleanup ON batches (cleanup_pending)"
+
+
+# What the disk (full, read-only, gone, busy) makes SQLite raise; anything else
+# (IntegrityError, ProgrammingError) is a bug and propagates as it is.
+_DISK_ERRORS = (sqlite3.OperationalError, sqlite3.InternalError)
+
+
+@contextlib.contextmanager
+def _disk_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except _DISK_ERRORS as exc:
+        raise StorageError(f"The batch store could not {action}: {exc}.") from exc
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError:  # e.g. IntegrityError: a bug
+            raise
+        raise StorageError(f"The batch store could not {action}: {exc}.") from exc  # "file is not a database"
 
 
 class SqliteBatchStore:
+    """Disk failures (full, read-only, I/O errors) raise StorageError: a 503 for the API,
+    a retry for the executor; SQLite rolls the failed statement back, nothing half-done."""
+
     def __init__(self, path: Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # One connection behind a lock: SQLite serialises writers anyway, and the
@@ -34,6 +60,9 @@ class SqliteBatchStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # answered means on disk
         self._db.executescript(_SCHEMA)
+        if "cleanup_pending" not in {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}:
+            self._db.execute(_CLEANUP_COLUMN)  # a store written before the column existed
+        self._db.execute(_CLEANUP_INDEX)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -47,15 +76,15 @@ class SqliteBatchStore:
         return record.model_dump_json(exclude={"revision"})
 
     def create(self, record: BatchRecord) -> None:
-        with self._lock:
+        with self._lock, _disk_errors("store the batch"):
             self._db.execute(
-                "INSERT INTO batches (id, project, status, revision, data) VALUES (?, ?, ?, 1, ?)",
-                (record.id, record.project, record.status.value, self._encode(record)),
+                "INSERT INTO batches (id, project, status, revision, data, cleanup_pending) VALUES (?, ?, ?, 1, ?, ?)",
+                (record.id, record.project, record.status.value, self._encode(record), int(record.cleanup_pending)),
             )
         record.revision = "1"
 
     def get(self, project: str, batch_id: str) -> BatchRecord | None:
-        with self._lock:
+        with self._lock, _disk_errors("read the batch"):
             row = self._db.execute(
                 "SELECT data, revision FROM batches WHERE id = ? AND project = ?", (batch_id, project)
             ).fetchone()
@@ -70,23 +99,25 @@ class SqliteBatchStore:
             args.append(after)
         query += " ORDER BY id DESC LIMIT ?"
         args.append(limit + 1)
-        with self._lock:
+        with self._lock, _disk_errors("list batches"):
             rows = self._db.execute(query, args).fetchall()
         records = [self._decode(*row) for row in rows[:limit]]
         return records, len(rows) > limit
 
     def save(self, record: BatchRecord) -> None:
-        with self._lock:
+        with self._lock, _disk_errors("save the batch"):
             cursor = self._db.execute(
-                "UPDATE batches SET status = ?, revision = revision + 1, data = ? WHERE id = ? AND revision = ?",
-                (record.status.value, self._encode(record), record.id, int(record.revision or 0)),
+                "UPDATE batches SET status = ?, revision = revision + 1, data = ?, cleanup_pending = ?"
+                " WHERE id = ? AND revision = ?",
+                (record.status.value, self._encode(record), int(record.cleanup_pending), record.id,
+                 int(record.revision or 0)),
             )
             if cursor.rowcount != 1:
                 raise StaleRecord(record.id)
         record.revision = str(int(record.revision or 0) + 1)
 
     def request_cancel(self, project: str, batch_id: str) -> BatchRecord | None:
-        with self._lock:
+        with self._lock, _disk_errors("cancel the batch"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
@@ -106,17 +137,29 @@ class SqliteBatchStore:
                 self._db.execute("COMMIT")
                 return moved
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (disk full)
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
 
     def unfinished(self) -> Iterator[BatchRecord]:
+        """Batches not yet terminal, and finished ones whose clean-up is pending."""
         terminal = tuple(s.value for s in TERMINAL_STATUSES)
         marks = ",".join("?" * len(terminal))
-        with self._lock:
+        with self._lock, _disk_errors("list unfinished batches"):
             rows = self._db.execute(
-                f"SELECT data, revision FROM batches WHERE status NOT IN ({marks}) ORDER BY id", terminal
+                f"SELECT data, revision FROM batches WHERE status NOT IN ({marks}) OR cleanup_pending = 1 ORDER BY id",
+                terminal,
             ).fetchall()
         return iter([self._decode(*row) for row in rows])
+
+    def status_counts(self) -> dict[tuple[str, str | None], int]:
+        """{(status, model): batches} over every project (the metrics gauge)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, json_extract(data, '$.model'), count(*) FROM batches GROUP BY 1, 2"
+            ).fetchall()
+        return {(status, model): n for status, model, n in rows}
 
     def close(self) -> None:
         with self._lock:

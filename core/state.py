@@ -2,8 +2,8 @@
 
 Given a batch and what a driver observed (shards launched, finished, failed; the
 clock), `next_action` says what happens next; `transition` moves a record to a
-new status and stamps its timestamp. The drivers — the single-node executor and
-the kopf operator — only carry actions out.
+new status and stamps its timestamp. The one driver (`vbatch.core.driver`), in
+both ways of running, only carries actions out.
 
     validating -> in_progress -> finalizing -> completed
     validating -> failed

@@ -1,73 +1,35 @@
 """Pure builders of the Kubernetes objects vbatch creates: Batch CRs, shard Jobs, Events.
 
 No API calls here: each function maps domain values to a plain dict, so every manifest
-can be tested (and schema-validated) without a cluster. The Batch CR is the durable
-form of a `BatchRecord`; `batch_record_from_resource` is its exact inverse.
+can be tested (and schema-validated) without a cluster. The Batch resource itself is
+defined once, in vbatch.core.batch_resource; the functions here delegate to it.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import re
 from typing import Any
 
-from vbatch.core.ids import batch_id_from_object_name, batch_object_name
-from vbatch.core.schemas import (
-    BatchErrorItem,
-    BatchErrors,
-    BatchRecord,
-    BatchStatus,
-    BatchUsage,
-    InputTokensDetails,
-    OutputTokensDetails,
-    RequestCounts,
+from vbatch.core import batch_resource
+from vbatch.core.batch_resource import (  # noqa: F401  (the operator's names for the resource's constants)
+    ANNOTATION_BATCH_ID,
+    ANNOTATION_CREATED_AT,
+    API_VERSION,
+    GROUP,
+    KIND,
+    LABEL_BATCH,
+    LABEL_MANAGED_BY,
+    LABEL_PROJECT,
+    PLURAL,
+    VERSION,
+    label_value,
+    project_label,
 )
+from vbatch.core.schemas import BatchRecord
 from vbatch.operator.config import WorkerPodConfig
 
-GROUP = "vbatch.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "Batch"
-PLURAL = "batches"
-
-LABEL_PROJECT = "vbatch.dev/project"
-LABEL_BATCH = "vbatch.dev/batch"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
-# Annotations make the CR self-describing from the moment it is created: the API server
-# drops `status` on create (status subresource), so these are what survives a crash
-# between creating the CR and writing its first status.
-ANNOTATION_BATCH_ID = "vbatch.dev/batch-id"
-ANNOTATION_CREATED_AT = "vbatch.dev/created-at"
 WORKER_CONTAINER = "worker"
-
-# (record field, status key): the lifecycle timestamps, all Unix seconds.
-_TIMESTAMPS = (
-    ("created_at", "createdAt"),
-    ("in_progress_at", "inProgressAt"),
-    ("expires_at", "expiresAt"),
-    ("finalizing_at", "finalizingAt"),
-    ("completed_at", "completedAt"),
-    ("failed_at", "failedAt"),
-    ("expired_at", "expiredAt"),
-    ("cancelling_at", "cancellingAt"),
-    ("cancelled_at", "cancelledAt"),
-)
-_LABEL_VALUE_BAD = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def label_value(raw: str) -> str:
-    """Any string -> a valid label value (<=63 chars, alnum at both ends).
-
-    Project names are free-form; when a name needs changing, a short hash of the
-    original keeps two different projects from sharing one label value.
-    """
-    clean = _LABEL_VALUE_BAD.sub("-", raw).strip("-_.")
-    if clean == raw and len(raw) <= 63:
-        return raw
-    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-    return f"{clean[:54].rstrip('-_.')}-{digest}".lstrip("-")
 
 
 def job_name(batch_name: str) -> str:
@@ -89,145 +51,21 @@ def owner_reference(*, name: str, uid: str, api_version: str = API_VERSION, kind
 
 
 # --- Batch custom resource ---------------------------------------------------------
+# One definition: the typed model in vbatch.core.batch_resource is the mapping both ways.
 
 
-def build_batch_resource(
-    record: BatchRecord,
-    namespace: str,
-    *,
-    shards: int | None = None,
-    parallelism: int | None = None,
-) -> dict[str, Any]:
-    name = batch_object_name(record.id)
-    spec: dict[str, Any] = {
-        "inputFileId": record.input_file_id,
-        "endpoint": record.endpoint,
-        "completionWindow": record.completion_window,
-        "project": record.project,
-        "cancelRequested": record.cancel_requested,
-    }
-    if record.model is not None:
-        spec["model"] = record.model
-    if record.metadata is not None:
-        spec["metadata"] = dict(record.metadata)
-    if shards is not None:
-        spec["shards"] = shards
-    if parallelism is not None:
-        spec["parallelism"] = parallelism
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "labels": {LABEL_PROJECT: label_value(record.project), LABEL_MANAGED_BY: "vbatch"},
-        "annotations": {ANNOTATION_BATCH_ID: record.id, ANNOTATION_CREATED_AT: str(record.created_at)},
-    }
-    if record.revision is not None:
-        # A PUT carrying it fails with 409 if the CR changed since the record was read.
-        metadata["resourceVersion"] = record.revision
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec,
-            "status": build_batch_status(record)}
+def build_batch_resource(record: BatchRecord, namespace: str, *, shards: int | None = None,
+                         parallelism: int | None = None) -> dict[str, Any]:
+    return batch_resource.resource_from_record(record, namespace, shards=shards, parallelism=parallelism)
 
 
 def build_batch_status(record: BatchRecord) -> dict[str, Any]:
-    """The CR status for a record: what the operator writes through /status."""
-    counts = record.request_counts
-    status: dict[str, Any] = {
-        "phase": record.status.value,
-        "requestCounts": {"total": counts.total, "completed": counts.completed, "failed": counts.failed},
-    }
-    if record.usage is not None:
-        u = record.usage
-        status["usage"] = {
-            "inputTokens": u.input_tokens,
-            "outputTokens": u.output_tokens,
-            "totalTokens": u.total_tokens,
-            "cachedTokens": u.input_tokens_details.cached_tokens,
-            "reasoningTokens": u.output_tokens_details.reasoning_tokens,
-        }
-    if record.output_file_id is not None:
-        status["outputFileId"] = record.output_file_id
-    if record.error_file_id is not None:
-        status["errorFileId"] = record.error_file_id
-    if record.errors is not None:
-        # The CRD rejects nulls, so absent optional fields are left out, not written as null.
-        status["errors"] = [item.model_dump(exclude_none=True) for item in record.errors.data]
-    for field, key in _TIMESTAMPS:
-        value = getattr(record, field)
-        if value is not None:
-            status[key] = value
-    if record.shard_count is not None:
-        status["shardCount"] = record.shard_count
-    status["conditions"] = [_succeeded_condition(record)]
-    return status
-
-
-_LAST_RFC3339_SECOND = 253402300799  # 9999-12-31T23:59:59Z
-
-
-def _succeeded_condition(record: BatchRecord) -> dict[str, Any]:
-    """One standard condition for tools that wait on conditions
-    (`kubectl wait --for=condition=Succeeded batch/...`): True once completed,
-    False once failed/expired/cancelled, Unknown while the batch runs."""
-    if record.status == BatchStatus.COMPLETED:
-        value = "True"
-    elif record.status.is_terminal:
-        value = "False"
-    else:
-        value = "Unknown"
-    # The latest lifecycle stamp (expires_at is a deadline, not a transition).
-    stamps = (getattr(record, field) for field, _ in _TIMESTAMPS if field != "expires_at")
-    since = max((t for t in stamps if t is not None), default=record.created_at)
-    since = min(max(since, 0), _LAST_RFC3339_SECOND)
-    counts = record.request_counts
-    return {
-        "type": "Succeeded",
-        "status": value,
-        "reason": "".join(part.capitalize() for part in record.status.value.split("_")),
-        "message": f"{counts.completed} completed, {counts.failed} failed of {counts.total}",
-        "lastTransitionTime": datetime.datetime.fromtimestamp(since, tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    """The resource's status for a record: what the operator writes through /status."""
+    return batch_resource.status_from_record(record)
 
 
 def batch_record_from_resource(obj: dict[str, Any]) -> BatchRecord:
-    meta = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
-    status = obj.get("status") or {}
-    annotations = meta.get("annotations") or {}
-    counts = status.get("requestCounts") or {}
-    usage = status.get("usage")
-    errors = status.get("errors")
-    created_at = status.get("createdAt", annotations.get(ANNOTATION_CREATED_AT))
-    fields: dict[str, Any] = {
-        "id": batch_id_from_object_name(meta["name"]),
-        "endpoint": spec["endpoint"],
-        "model": spec.get("model"),
-        "input_file_id": spec["inputFileId"],
-        "completion_window": spec["completionWindow"],
-        "metadata": spec.get("metadata"),
-        "project": spec["project"],
-        "cancel_requested": bool(spec.get("cancelRequested", False)),
-        # A CR whose first status write has not landed yet is a batch being validated.
-        "status": status.get("phase", "validating"),
-        "request_counts": RequestCounts(**{k: counts.get(k, 0) for k in ("total", "completed", "failed")}),
-        "output_file_id": status.get("outputFileId"),
-        "error_file_id": status.get("errorFileId"),
-        "shard_count": status.get("shardCount"),
-        # The store's optimistic-concurrency token: saving with a stale one gets 409.
-        "revision": meta.get("resourceVersion"),
-        "usage": None
-        if usage is None
-        else BatchUsage(
-            input_tokens=usage.get("inputTokens", 0),
-            output_tokens=usage.get("outputTokens", 0),
-            total_tokens=usage.get("totalTokens", 0),
-            input_tokens_details=InputTokensDetails(cached_tokens=usage.get("cachedTokens", 0)),
-            output_tokens_details=OutputTokensDetails(reasoning_tokens=usage.get("reasoningTokens", 0)),
-        ),
-        "errors": None if errors is None else BatchErrors(data=[BatchErrorItem(**e) for e in errors]),
-    }
-    for field, key in _TIMESTAMPS:
-        fields[field] = status.get(key)
-    fields["created_at"] = int(created_at) if created_at is not None else 0
-    return BatchRecord(**fields)
+    return batch_resource.record_from_resource(obj)
 
 
 # --- the shard Job -----------------------------------------------------------------
@@ -244,13 +82,16 @@ def build_shard_job(
     shard_count: int,
     parallelism: int,
     worker: WorkerPodConfig,
+    max_attempts: int,
 ) -> dict[str, Any]:
-    """One Indexed Job for the whole batch: pod i runs shard i (JOB_COMPLETION_INDEX)."""
+    """One Indexed Job for the whole batch: pod i runs shard i (JOB_COMPLETION_INDEX),
+    at most `max_attempts` times (Settings.shard_max_attempts, the same budget as the
+    single-node runtime's)."""
     if shard_count < 1:
         raise ValueError(f"shard_count must be >= 1, got {shard_count}")
     labels = {
         LABEL_BATCH: batch_name,
-        LABEL_PROJECT: label_value(project),
+        LABEL_PROJECT: project_label(project),
         LABEL_MANAGED_BY: "vbatch",
         "app.kubernetes.io/name": "vbatch",
         "app.kubernetes.io/component": "worker",
@@ -262,7 +103,7 @@ def build_shard_job(
         "completionMode": "Indexed",
         "completions": shard_count,
         "parallelism": max(1, min(parallelism, shard_count)),
-        "backoffLimitPerIndex": worker.backoff_limit_per_index,
+        "backoffLimitPerIndex": max(0, max_attempts - 1),
         # A shard that exhausts its retries must not stop the others: the batch still
         # finalizes, with `shard_failed` error lines for that shard's requests.
         "maxFailedIndexes": shard_count,

@@ -50,8 +50,6 @@ class WorkerPodConfig(BaseSettings):
     # The worker flushes its current result part on SIGTERM; give it time to.
     termination_grace_period_seconds: int = Field(default=60, ge=0)
     kueue_queue_name: str | None = None
-    # Retries per shard before the shard counts as failed (its lines get `shard_failed`).
-    backoff_limit_per_index: int = Field(default=2, ge=0)
     # Evictions and preemptions (DisruptionTarget) do not spend a shard's retries:
     # the worker exits 75 after flushing, and the retried pod resumes.
     pod_failure_policy: dict[str, Any] | None = Field(

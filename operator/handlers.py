@@ -1,8 +1,10 @@
-"""The kopf handlers: thin adapters from kopf's events to `Reconciler.reconcile`.
+"""The kopf handlers: thin adapters from kopf's events to the one driver
+(`vbatch.core.driver`), over Batch resources and the Kubernetes shard runtime.
 
 Every trigger — a Batch created, the operator (re)starting, spec.cancelRequested
-flipping, a periodic tick — does the same thing: re-read the Batch and its Job and
-take the next step of the state machine. The triggers only decide *when*.
+flipping, a periodic tick — does the same thing: `driver.drive(...)` re-reads the
+Batch and its Job and takes the next steps of the state machine. The triggers only
+decide *when*.
 
 `kopf run -m vbatch.operator.handlers` (what `vbatch operator` and the tests run).
 """
@@ -14,14 +16,21 @@ import os
 from typing import Any
 
 import kopf
+import prometheus_client
 from vbatch.core.config import Settings
+from vbatch.core.driver import Driver
+from vbatch.core.events import BatchEvents
 from vbatch.core.files import FileService
+from vbatch.core.ids import batch_id_from_object_name
+from vbatch.core.operations import Operations, build_operations
 from vbatch.core.schemas import TERMINAL_STATUSES
 from vbatch.core.storage import open_store
+from vbatch.operator.archive import BatchArchiver
 from vbatch.operator.builders import GROUP, PLURAL, VERSION
 from vbatch.operator.config import WorkerPodConfig
 from vbatch.operator.kube import Kube, api_client
-from vbatch.operator.reconciler import PodsRemain, Reconciler
+from vbatch.operator.kube_batches import KubeAnnouncer, KubeBatches
+from vbatch.operator.kube_runtime import KubeRuntime
 
 log = logging.getLogger("vbatch.operator")
 
@@ -29,6 +38,8 @@ log = logging.getLogger("vbatch.operator")
 # counts are, and how soon a finished Job is noticed. Read once, at import, because
 # kopf takes it from the decorator.
 INTERVAL = float(os.environ.get("VBATCH_OPERATOR_INTERVAL", "3"))
+# Seconds between archive checks of a finished batch (its retention is a setting).
+ARCHIVE_INTERVAL = float(os.environ.get("VBATCH_ARCHIVE_INTERVAL", "60"))
 FINALIZER = "vbatch.dev/working-data"
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 
@@ -38,20 +49,32 @@ def load_worker_config() -> WorkerPodConfig:
     return WorkerPodConfig.from_file(path) if path else WorkerPodConfig()
 
 
-def build_reconciler(settings: Settings | None = None) -> Reconciler:
-
+def build_driver(settings: Settings | None = None, events: BatchEvents | None = None) -> Driver:
     settings = settings or Settings()
     store = open_store(settings)
     served, gpus = _catalog(settings)
-    return Reconciler(
+    kube = Kube(api_client("operator"), settings.namespace)
+    events = events or BatchEvents()
+    events.subscribe(KubeAnnouncer(kube))  # `kubectl describe batch`: an Event per phase and failed step
+    return Driver(
         settings=settings,
         store=store,
-        files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds),
-        kube=Kube(api_client("operator"), settings.namespace),
-        worker=load_worker_config(),
+        files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
+                          output_retention_seconds=settings.output_retention_seconds),
+        batches=KubeBatches(kube, settings),
+        runtime=KubeRuntime(kube=kube, store=store, settings=settings, worker=load_worker_config(), model_gpus=gpus),
         served_models=served,
-        model_gpus=gpus,
+        events=events,
     )
+
+
+def build_operator_operations(settings: Settings) -> Operations:
+    """Metrics of the work (exported on settings.operator_metrics_port), the expiry
+    sweeper and the webhook deliverer (outbox in object storage)."""
+    store = open_store(settings)
+    files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
+                        output_retention_seconds=settings.output_retention_seconds)
+    return build_operations(settings, files, Kube(api_client("operator"), settings.namespace), cluster=True)
 
 
 def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:
@@ -59,7 +82,7 @@ def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:
     engine serves any id, and asks for the GPUs the worker config says."""
     if settings.engine == "echo":
         return None, {}
-    from vbatch.worker.catalog import load_catalog
+    from vbatch.core.catalog import load_catalog
 
     catalog = load_catalog(settings.model_catalog, settings.data_dir)
     return catalog.ids(), {m.id: m.gpus_per_replica for m in catalog.models}
@@ -82,25 +105,46 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # `kubectl describe batch`; only its warnings and errors are posted.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = int(os.environ.get("VBATCH_OPERATOR_WATCH_TIMEOUT", "300"))
-    memo.reconciler = build_reconciler()
+    app_settings = Settings()
+    memo.operations = build_operator_operations(app_settings)
+    memo.driver = build_driver(app_settings, memo.operations.events)
+    memo.archiver = BatchArchiver.from_settings(app_settings)
+    if app_settings.operator_metrics_port:  # 0: no metrics server
+        try:
+            prometheus_client.start_http_server(app_settings.operator_metrics_port)
+        except OSError as exc:  # a taken port must not stop the operator from working
+            log.error("metrics server on port %d failed: %s", app_settings.operator_metrics_port, exc)
+    memo.operations.start()
+
+
+@kopf.on.cleanup()
+def shut_down(memo: kopf.Memo, **_: Any) -> None:
+    operations = getattr(memo, "operations", None)
+    if operations is not None:
+        operations.stop()
 
 
 # --- triggers -------------------------------------------------------------------------
 
 
-def _step(name: str, memo: kopf.Memo) -> None:
+def _step(name: str, spec: Any, memo: kopf.Memo) -> None:
     try:
-        memo.reconciler.reconcile(name)
+        memo.driver.drive(spec.get("project", ""), batch_id_from_object_name(name))
     except Exception:
-        # Never let kopf schedule its own (minute-long) retry: the next tick retries.
-        log.exception("batch %s: reconcile failed; retrying on the next tick", name)
+        # The driver records failing steps on the batch; this guards reading it (API
+        # down). Never let kopf schedule its own (minute-long) retry: the next tick retries.
+        log.exception("batch %s: round failed; retrying on the next tick", name)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec.cancelRequested")
-def on_change(name: str, memo: kopf.Memo, **_: Any) -> None:
-    _step(name, memo)
+def on_change(name: str, spec: Any, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        memo.archiver.index_batch(dict(body))  # kubectl-applied Batches are listed too
+    except Exception:
+        log.exception("batch %s: could not index it; retrying on the next change", name)
+    _step(name, spec, memo)
 
 
 def _needs_attention(status: dict[str, Any], **_: Any) -> bool:
@@ -109,16 +153,27 @@ def _needs_attention(status: dict[str, Any], **_: Any) -> bool:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, when=_needs_attention)
-def tick(name: str, memo: kopf.Memo, **_: Any) -> None:
-    _step(name, memo)
+def tick(name: str, spec: Any, memo: kopf.Memo, **_: Any) -> None:
+    _step(name, spec, memo)
+
+
+def _archivable(status: dict[str, Any], **_: Any) -> bool:
+    return status.get("phase") in _TERMINAL and not status.get("jobName")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=ARCHIVE_INTERVAL, when=_archivable)
+def archive(name: str, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        memo.archiver.archive_if_due(name)
+    except Exception:
+        log.exception("batch %s: archiving failed; retrying on the next tick", name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def on_delete(name: str, memo: kopf.Memo, **_: Any) -> None:
+def on_delete(body: Any, memo: kopf.Memo, **_: Any) -> None:
     # kopf holds the Batch with its finalizer until this returns; the Job and pods would
     # go by owner reference anyway, but only after the Batch, and shards/parts/progress
     # in object storage have no owner reference at all.
-    try:
-        memo.reconciler.release(name)
-    except PodsRemain:
-        raise kopf.TemporaryError("waiting for the batch's worker pods to stop", delay=max(INTERVAL, 0.5)) from None
+    record = memo.driver.batches.record_of(dict(body))
+    if not memo.driver.discard(record):
+        raise kopf.TemporaryError("waiting for the batch's worker pods to stop", delay=max(INTERVAL, 0.5))

@@ -23,7 +23,7 @@ log = logging.getLogger("vbatch.operator")
 # The API calls of this module, as RBAC sees them: tests/integration/test_rbac_usage.py checks this
 # table against what the emulator recorded, and both against the chart's expectations.
 RBAC_USAGE: dict[tuple[str, str], frozenset[str]] = {
-    (GROUP, PLURAL): frozenset({"get", "patch"}),
+    (GROUP, PLURAL): frozenset({"get", "list", "patch", "delete"}),
     (GROUP, f"{PLURAL}/status"): frozenset({"patch"}),
     ("batch", "jobs"): frozenset({"create", "get", "delete"}),
     ("", "pods"): frozenset({"list"}),
@@ -107,6 +107,35 @@ class Kube:
 
     def patch_batch_status(self, name: str, resource_version: str | None, status: dict[str, Any]) -> dict[str, Any]:
         return self.batches.patch_status(name, resource_version, status)
+
+    def status_counts(self) -> dict[tuple[str, str | None], int]:
+        """{(status, model): batches} of the namespace, listed a page at a time (metrics)."""
+        counts: dict[tuple[str, str | None], int] = {}
+        token: str | None = None
+        while True:
+            page = self.crs.list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, limit=500, **({"_continue": token} if token else {}))
+            for obj in page.get("items", []):
+                key = ((obj.get("status") or {}).get("phase") or "validating", (obj.get("spec") or {}).get("model"))
+                counts[key] = counts.get(key, 0) + 1
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return counts
+
+    def delete_batch(self, name: str, resource_version: str) -> bool:
+        """Delete a Batch only as it was read (precondition): StaleRecord when it changed
+        meanwhile, False when it was already gone."""
+        body = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(
+            resource_version=resource_version))
+        try:
+            self.crs.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body=body)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            if exc.status == 409:
+                raise StaleRecord(name) from exc
+            raise
 
     def patch_batch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return self.crs.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
+from vbatch.core import metrics
 
 log = logging.getLogger("vbatch.executor")
 
@@ -82,6 +83,7 @@ class WorkerSlot(threading.Thread):
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **self.env}, preexec_fn=_die_with_parent
         )
         self.model = model
+        metrics.engine_loaded(model)  # a new worker process loads its engine
         return self.process
 
     def _close_process(self) -> None:

@@ -90,7 +90,7 @@ def _make_engine(args: argparse.Namespace, settings: Settings) -> Engine:
         raise Fatal("the vllm engine needs --model (a model id of the catalog)", EXIT_USAGE)
     try:
         # Imported lazily: vLLM is heavy and absent where only echo runs.
-        from vbatch.worker.catalog import load_catalog
+        from vbatch.core.catalog import load_catalog
         from vbatch.worker.engines.vllm import VllmEngine
     except ImportError as exc:
         raise Fatal(f"the vllm engine is unavailable: {exc}", EXIT_ENGINE) from exc

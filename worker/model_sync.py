@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from vbatch.core.config import Settings
 from vbatch.core.storage.s3 import S3ObjectStore
-from vbatch.worker.catalog import ModelSpec
+from vbatch.core.catalog import ModelSpec
 
 MARKER = ".vbatch-model-complete"
 

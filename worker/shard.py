@@ -104,6 +104,8 @@ class _ShardRun:
         self.buffer_since = 0.0  # loop time of the oldest buffered result
         self.closing = False
         self.wake = asyncio.Event()
+        self.started = time.monotonic()  # this attempt's worker time starts now
+        self.earlier_seconds = 0.0
 
     # --- what earlier attempts left ------------------------------------------------
 
@@ -292,13 +294,27 @@ class _ShardRun:
         await _storage(self.store.put_bytes, key, data)
         self.next_part += 1
         self.progress.parts += 1
+        if self.progress.first_result_at is None:
+            self.progress.first_result_at = time.time()
         for line in lines:
             if line.custom_id not in self.done:
                 self._account(line)
         await self._write_progress()
 
+    def _load_figures(self) -> None:
+        """Blocking: carry the metrics figures of earlier attempts (first result time,
+        worker seconds) over from the progress record they left."""
+        try:
+            earlier = ShardProgress.model_validate_json(
+                self.store.get_bytes(layout.progress_key(self.project, self.batch_id, self.shard)))
+        except (ObjectNotFound, ValueError):
+            return
+        self.earlier_seconds = earlier.gpu_seconds
+        self.progress.first_result_at = earlier.first_result_at
+
     async def _write_progress(self) -> None:
         self.progress.updated_at = time.time()
+        self.progress.gpu_seconds = self.earlier_seconds + (time.monotonic() - self.started)
         key = layout.progress_key(self.project, self.batch_id, self.shard)
         await _storage(self.store.put_bytes, key, self.progress.model_dump_json().encode())
 
@@ -307,6 +323,7 @@ class _ShardRun:
     async def run(self) -> ShardProgress:
         # Counted first, so the progress record shows the shard's size from the start.
         self.progress.total = await _storage(self._count_lines)
+        await _storage(self._load_figures)
         await _storage(self._load_parts)
         if self.done:
             log.info("shard %s: resuming, %d of %d done", self.shard, len(self.done), self.progress.total)

@@ -51,8 +51,16 @@ class ObjectStore(Protocol):
         """Remove key; absent keys are fine (idempotent)."""
         ...
 
-    def list(self, prefix: str) -> Iterator[str]:
-        """Every key under prefix (recursive), in lexicographic order."""
+    def list(self, prefix: str, *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
+        """Every key under prefix (recursive), in lexicographic order; with `start_after`
+        only the keys after it, with `limit` at most that many (read as a page: O(limit)
+        on S3, for flat prefixes on any S3-protocol server)."""
+        ...
+
+    def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:
+        """At most `limit` keys directly under prefix (a flat "folder": no '/' after
+        it), in lexicographic order, each > start_after. One request on S3, so
+        indexes built of such keys page in O(page)."""
         ...
 
     def delete_prefix(self, prefix: str) -> None:

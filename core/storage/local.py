@@ -8,15 +8,20 @@ listed; a crash may leave one behind, which `list` ignores.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
+import logging
 import os
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vbatch.core.errors import StorageError
 from vbatch.core.storage.base import CHUNK_SIZE, ObjectNotFound
+
+log = logging.getLogger(__name__)
 
 # Part of every temporary file name; keys containing it are refused so a real
 # object can never be mistaken for a leftover temporary.
@@ -39,11 +44,18 @@ def check_key(key: str) -> str:
     return key
 
 
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the storage is read-only",
+}
+
+
 def _storage_error(action: str, key: str, exc: OSError) -> StorageError:
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.ENOSPC:
-        reason = "no space left on device"
-    return StorageError(f"Storage failed to {action} {key!r}: {reason}.")
+    # Every OS failure (full, read-only, gone, I/O error) is the same to a client: the
+    # storage cannot do this now (503 + Retry-After); the reason is in the message.
+    reason = _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
+    return StorageError(f"Storage failed to {action} {key[:200]!r}: {reason}.")
 
 
 class LocalObjectStore:
@@ -194,7 +206,7 @@ class LocalObjectStore:
                 return
             directory = directory.parent
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def list(self, prefix: str, *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
         if "\x00" in prefix or "\\" in prefix or prefix.startswith("/"):
             raise ValueError(f"invalid key prefix {prefix!r}")
         # Walk only the deepest directory the prefix names; filter the rest.
@@ -218,8 +230,55 @@ class LocalObjectStore:
         except OSError as exc:
             raise _storage_error("list", prefix, exc) from exc
         keys.sort()
-        return iter(keys)
+        if start_after is not None:
+            keys = keys[bisect.bisect_right(keys, start_after):]
+        return iter(keys if limit is None else keys[:limit])
+
+    def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:
+        if not prefix.endswith("/"):
+            raise ValueError(f"list_page needs a folder prefix ending in '/', not {prefix!r}")
+        directory = self.root.joinpath(*check_key(prefix.rstrip("/")).split("/"))
+        try:
+            names = sorted(
+                entry.name for entry in os.scandir(directory) if entry.is_file() and TMP_MARKER not in entry.name
+            )
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise _storage_error("list", prefix, exc) from exc
+        keys = [prefix + name for name in names]
+        if start_after is not None:
+            keys = keys[bisect.bisect_right(keys, start_after):]
+        return keys[:limit]
 
     def delete_prefix(self, prefix: str) -> None:
         for key in list(self.list(prefix)):
             self.delete(key)
+
+    # --- housekeeping ----------------------------------------------------------
+
+    def remove_orphans(self, max_age_seconds: float) -> int:
+        """Delete temporaries of writes that died mid-way (a killed process leaves them).
+
+        Only those untouched for max_age_seconds: a live write keeps its temporary's
+        mtime fresh with every chunk. Returns how many were removed.
+        """
+        cutoff = time.time() - max_age_seconds
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if TMP_MARKER not in name:
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    if path.stat().st_mtime > cutoff:
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue  # its write finished (renamed) or another cleaner was first
+                except OSError as exc:
+                    log.warning("could not remove orphaned temporary %s: %s", path, exc)
+                    continue
+                removed += 1
+                self._prune_empty_dirs(path.parent)
+        return removed

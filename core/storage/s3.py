@@ -281,14 +281,22 @@ class S3ObjectStore:
         except _TRANSPORT_ERRORS as exc:
             raise self._error("delete", key, exc) from exc
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def list(self, prefix: str, *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
         self._ensure_bucket()
+        keys: list[str] = []
         try:
-            keys = [
-                obj.object_name
-                for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
-                if obj.object_name and not obj.is_dir
-            ]
+            if limit is None:
+                listing = self.client.list_objects(self.bucket, prefix=prefix, recursive=True, start_after=start_after)
+            else:
+                # A page asks the server for a page (max-keys), not for its default 1000 keys:
+                # minio's public list_objects does not expose max-keys (minio is pinned <8).
+                listing = self.client._list_objects(self.bucket, prefix=prefix, start_after=start_after,
+                                                    max_keys=min(max(limit, 1), 1000), encoding_type="url")
+            for obj in listing:  # lazy: one ListObjectsV2 request per 1000 keys
+                if obj.object_name and not obj.is_dir and (start_after is None or obj.object_name > start_after):
+                    keys.append(obj.object_name)
+                    if limit is not None and len(keys) >= limit:
+                        break
         except _TRANSPORT_ERRORS as exc:
             raise self._error("list", prefix, exc) from exc
         # Servers differ (a filesystem-backed one lists per directory): the
@@ -296,6 +304,56 @@ class S3ObjectStore:
         keys.sort()
         return iter(keys)
 
+    def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:
+        if not prefix.endswith("/"):
+            raise ValueError(f"list_page needs a folder prefix ending in '/', not {prefix!r}")
+        self._ensure_bucket()
+        keys: list[str] = []
+        try:
+            # The public list_objects always asks for 1000 keys; a page of 20 should
+            # cost the server 20, so ask for what is needed (minio's own pager).
+            listing = self.client._list_objects(
+                self.bucket, prefix=prefix, delimiter="/", start_after=start_after or None,
+                max_keys=min(max(limit, 1), 1000),
+            )
+            for obj in listing:
+                if obj.object_name and not obj.is_dir:
+                    keys.append(obj.object_name)
+                    if len(keys) >= limit:
+                        break
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error("list", prefix, exc) from exc
+        return sorted(keys)
+
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
             self.delete(key)
+
+    # --- housekeeping ----------------------------------------------------------
+
+    def remove_orphans(self, max_age_seconds: float) -> int:
+        """Abort multipart uploads begun more than max_age_seconds ago: those of writers
+        killed mid-way (minio aborts its own failed uploads; a killed process cannot).
+        Their parts take space but are invisible to `list`. Returns how many."""
+        self._ensure_bucket()
+        cutoff = time.time() - max_age_seconds
+        aborted = 0
+        key_marker = upload_id_marker = None
+        try:
+            while True:
+                # minio has no public listing of multipart uploads; these are its own calls.
+                result = self.client._list_multipart_uploads(
+                    self.bucket, key_marker=key_marker, upload_id_marker=upload_id_marker, max_uploads=1000
+                )
+                for upload in result.uploads:
+                    started = upload.initiated_time.timestamp() if upload.initiated_time else 0.0
+                    if started <= cutoff:
+                        self.client._abort_multipart_upload(self.bucket, upload.object_name, upload.upload_id)
+                        aborted += 1
+                # (minio 7.2 stores the upload-id marker under a misspelt attribute name)
+                next_upload = result.next_upload_id_marker or getattr(result, "self._next_upload_id_marker", None)
+                if not result.is_truncated or (result.next_key_marker, next_upload) == (key_marker, upload_id_marker):
+                    return aborted
+                key_marker, upload_id_marker = result.next_key_marker, next_upload
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error("clean up uploads in", self.bucket, exc) from exc

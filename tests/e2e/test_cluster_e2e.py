@@ -18,7 +18,7 @@ import pytest
 from api_server import chat_line, jsonl, serve
 from kube.harness import ClusterEnv, wait_for
 from openai import OpenAI
-from vbatch.api.kube_store import KubeBatchStore
+from vbatch.operator.cr_store import KubeBatchStore
 from vbatch.api.services import NoopRunner, Services
 from vbatch.core.ids import batch_object_name
 from vbatch.core.keys import KeyStore
@@ -203,3 +203,21 @@ def test_kube_store_semantics(cluster_env: ClusterEnv):
         store.request_cancel("p1", ids[2])
     assert store.request_cancel("p2", ids[3]) is None
     assert {r.id for r in store.unfinished()} == set(ids) - {ids[2]}
+
+
+def test_archived_batches_read_and_list_through_the_sdk_unchanged(cluster_env: ClusterEnv):
+    """A finished batch past its retention leaves etcd; the SDK sees no difference."""
+    env = cluster_env
+    env.configure(VBATCH_BATCH_RETENTION_SECONDS=2, VBATCH_ARCHIVE_INTERVAL=0.3)
+    with env.operator(), env.job_runner(capacity=2), gateway(env) as client:
+        first = submit(client, 4)
+        done = wait_batch(client, first, {"completed"})
+        second = submit(client, 4)
+        wait_for(lambda: env.cluster.list("vbatch.dev/v1alpha1", "Batch"),
+                 lambda items: {o["metadata"]["name"] for o in items} == {batch_object_name(second)}, 90)
+        archived = client.batches.retrieve(first)
+        listed = [b.id for b in client.batches.list(limit=1)]  # auto-paging: one batch per page
+        lines = download(client, archived.output_file_id)
+    assert archived.model_dump() == done.model_dump()
+    assert listed == [second, first]
+    assert sorted(line["custom_id"] for line in lines) == [f"req-{i}" for i in range(4)]

@@ -27,7 +27,7 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 from vbatch.worker import models as models_mod  # noqa: E402
-from vbatch.worker.catalog import ModelSpec, load_catalog  # noqa: E402
+from vbatch.core.catalog import ModelSpec, load_catalog  # noqa: E402
 from vbatch.worker.engines.vllm import VllmEngine  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"

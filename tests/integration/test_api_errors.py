@@ -307,7 +307,7 @@ def test_unknown_routes_and_methods(api_server: ApiServer, tenant: Tenant) -> No
     assert error["message"] == "Invalid URL (GET /v1/nothing-here)"
     r = c.put("/v1/batches")
     assert_envelope(r, 405, "method_not_allowed")
-    assert r.headers.get_list("allow") == ["GET, POST"]
+    assert r.headers.get_list("allow") == ["GET, HEAD, POST"]  # HEAD is answered by the GET route
     assert_envelope(httpx.get(f"{api_server.url}/nope"), 404, "unknown_url")
 
 

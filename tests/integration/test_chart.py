@@ -102,6 +102,7 @@ def worker_job(objects, monkeypatch, tmp_path, *, gpus=1):
     return build_shard_job(
         batch_name="batch-01jtest", batch_uid="0000-1111", namespace=NAMESPACE, project="default",
         batch_id="batch_01JTEST", model="m", shard_count=2, parallelism=2, worker=worker,
+        max_attempts=int(env["VBATCH_SHARD_MAX_ATTEMPTS"]["value"]),
     )
 
 
@@ -150,7 +151,7 @@ def test_custom_resources_are_well_formed(chart, value_set):
             jsonschema.validate(obj, peering_schema)
         if obj["kind"] == "ServiceMonitor":
             (endpoint,) = obj["spec"]["endpoints"]
-            assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+            assert endpoint["port"] in ("http", "metrics") and endpoint["path"] == "/metrics"
 
 
 def _builtin_kinds(objects):
@@ -176,7 +177,7 @@ def test_ingress_and_service_monitor_target_the_gateway(chart):
     assert backend["name"] == service["metadata"]["name"]
     assert backend["port"]["name"] == "http"
     assert ingress["spec"]["ingressClassName"] == "nginx"
-    monitor = one(objects, "ServiceMonitor")
+    monitor = one(objects, "ServiceMonitor", "-gateway")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert "https://vbatch.example.com" in notes
@@ -475,7 +476,7 @@ def test_catalog_lists_models_with_their_gpu_counts(chart, monkeypatch, tmp_path
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_catalog_loads_with_the_catalog_loader_components_use(chart, value_set, tmp_path):
-    from vbatch.worker.catalog import load_catalog
+    from vbatch.core.catalog import load_catalog
 
     values = VALUE_SETS[value_set]
     catalog_text = one(render(chart, values)[0], "ConfigMap", "-config")["data"]["catalog.yaml"]

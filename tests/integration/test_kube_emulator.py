@@ -141,7 +141,7 @@ def test_deleting_a_batch_cascades_to_its_job_and_pods(crs, api, kube_cluster):
     owner = create(crs, batch("batch-1"))
     job = build_shard_job(batch_name="batch-1", batch_uid=owner["metadata"]["uid"], namespace=NS, project="proj",
                           batch_id="batch_X", model="m", shard_count=2, parallelism=2,
-                          worker=WorkerPodConfig(image="img"))
+                          worker=WorkerPodConfig(image="img"), max_attempts=3)
     jobs = kubernetes.client.BatchV1Api(api)
     created_job = jobs.create_namespaced_job(NS, job)
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "batch-1-shards-0", "ownerReferences": [
@@ -256,3 +256,58 @@ def wait_for(read, done, timeout: float = 20.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met in {timeout}s; last value: {value!r}")
         time.sleep(0.1)
+
+
+# --- pagination: limit / continue ------------------------------------------------------
+
+
+def _pages(crs, **kwargs) -> list[dict]:
+    pages, token = [], None
+    while True:
+        page = crs.list_namespaced_custom_object(G, V, NS, P, _continue=token, **kwargs) if token \
+            else crs.list_namespaced_custom_object(G, V, NS, P, **kwargs)
+        pages.append(page)
+        token = page["metadata"].get("continue")
+        if not token:
+            return pages
+
+
+def test_limit_and_continue_page_through_in_name_order(crs):
+    for i in range(7):
+        create(crs, batch(f"b{i}", {"tier": "gold" if i % 2 else "silver"}))
+    pages = _pages(crs, limit=3)
+    assert [[o["metadata"]["name"] for o in p["items"]] for p in pages] == [["b0", "b1", "b2"], ["b3", "b4", "b5"],
+                                                                           ["b6"]]
+    assert pages[0]["metadata"]["remainingItemCount"] == 4 and "remainingItemCount" not in pages[-1]["metadata"]
+    assert len({p["metadata"]["resourceVersion"] for p in pages}) == 1
+    gold = _pages(crs, limit=2, label_selector="tier=gold")
+    assert [o["metadata"]["name"] for p in gold for o in p["items"]] == ["b1", "b3", "b5"]
+    assert "remainingItemCount" not in gold[0]["metadata"]  # unknown with a selector, as the API server says
+
+
+def test_continued_pages_show_the_list_as_of_the_first_page(crs):
+    for i in range(4):
+        create(crs, batch(f"b{i}"))
+    first = crs.list_namespaced_custom_object(G, V, NS, P, limit=2)
+    crs.delete_namespaced_custom_object(G, V, NS, P, "b3")  # changes after the first page...
+    create(crs, batch("b9"))
+    rest = crs.list_namespaced_custom_object(G, V, NS, P, limit=10, _continue=first["metadata"]["continue"])
+    assert [o["metadata"]["name"] for o in rest["items"]] == ["b2", "b3"]  # ...are not seen by the same list
+    assert rest["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    assert "continue" not in rest["metadata"]
+    fresh = crs.list_namespaced_custom_object(G, V, NS, P)
+    assert [o["metadata"]["name"] for o in fresh["items"]] == ["b0", "b1", "b2", "b9"]
+
+
+def test_a_continue_token_after_compaction_is_410_and_a_bad_one_400(crs, kube_cluster):
+    for i in range(3):
+        create(crs, batch(f"b{i}"))
+    token = crs.list_namespaced_custom_object(G, V, NS, P, limit=1)["metadata"]["continue"]
+    with pytest.raises(ApiException) as bad:
+        crs.list_namespaced_custom_object(G, V, NS, P, limit=1, _continue="not-a-token")
+    assert bad.value.status == 400
+    create(crs, batch("b7"))
+    kube_cluster.call(kube_cluster.store.compact)
+    with pytest.raises(ApiException) as gone:
+        crs.list_namespaced_custom_object(G, V, NS, P, limit=1, _continue=token)
+    assert gone.value.status == 410

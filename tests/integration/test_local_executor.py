@@ -88,7 +88,7 @@ def test_batch_completes_with_exact_counts_and_results(node):
     node.executor()
     record = node.submit(25)
     done = node.wait(record.id, {BatchStatus.COMPLETED})
-    assert done.shard_count == 3
+    assert done.shard_count == 3 and done.finalizing_at is not None  # finalizing was saved
     assert done.request_counts.model_dump() == {"total": 25, "completed": 25, "failed": 0}
     results = node.results(done)
     assert sorted(results) == sorted(f"r{i}" for i in range(25))
@@ -202,5 +202,46 @@ def test_an_input_file_deleted_before_launch_fails_the_batch_cleanly(tmp_path):
     done = node.wait(record.id, {BatchStatus.FAILED, BatchStatus.COMPLETED})
     assert done.status == BatchStatus.FAILED
     assert done.errors.data[0].code == "input_file_not_found"
+    for ex in node.running:
+        ex.stop()
+
+
+def test_cancelled_before_launch_with_its_input_deleted_ends_cancelled(tmp_path):
+    node = Node(tmp_path)
+    record = node.submit(5)  # no executor yet: nothing is launched
+    node.files.delete(P, record.input_file_id)
+    node.batches.request_cancel(P, record.id)
+    node.executor()
+    done = node.wait(record.id, {BatchStatus.CANCELLED, BatchStatus.FAILED})
+    assert done.status == BatchStatus.CANCELLED
+    assert done.request_counts.model_dump() == {"total": 5, "completed": 0, "failed": 5}
+    assert done.errors.data[-1].code == "input_file_not_found"
+    for ex in node.running:
+        ex.stop()
+
+
+def test_a_clean_up_cut_short_by_a_crash_is_finished_after_restart(tmp_path):
+    """The process died between saving the terminal status and removing the working data:
+    the record's marker brings the clean-up back."""
+    node = Node(tmp_path)
+    first = node.executor()
+    record = node.submit(5)
+    node.wait(record.id, {BatchStatus.COMPLETED})
+    deadline = time.time() + 10
+    while node.batches.get(P, record.id).cleanup_pending:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    first.stop()
+    node.running.remove(first)
+    leftover = f"projects/{P}/batches/{record.id}/shards/0.jsonl"
+    node.store.put_bytes(leftover, b"{}\n")  # as if the removal had not happened
+    done = node.batches.get(P, record.id)
+    node.batches.save(done.model_copy(update={"cleanup_pending": True}))
+    node.executor()
+    deadline = time.time() + 10
+    while node.batches.get(P, record.id).cleanup_pending or node.store.exists(leftover):
+        assert time.time() < deadline, "the clean-up never came back"
+        time.sleep(0.05)
+    assert node.batches.get(P, record.id).status == BatchStatus.COMPLETED
     for ex in node.running:
         ex.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_s3_store
 from vbatch.core.config import Settings
-from vbatch.worker.catalog import ModelSpec
+from vbatch.core.catalog import ModelSpec
 from vbatch.worker.model_sync import MARKER, parse_s3_uri, sync_remote_model
 
 pytestmark = pytest.mark.s3

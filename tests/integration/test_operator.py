@@ -120,7 +120,7 @@ def test_applied_batch_with_unknown_file_fails(cluster_env: ClusterEnv):
 
 
 def test_input_deleted_before_launch_fails_the_batch(cluster_env: ClusterEnv):
-    from vbatch.api.kube_store import KubeBatchStore
+    from vbatch.operator.cr_store import KubeBatchStore
     from vbatch.core import state
 
     env = cluster_env
@@ -139,7 +139,7 @@ def test_input_deleted_before_launch_fails_the_batch(cluster_env: ClusterEnv):
 
 def test_a_shard_failing_once_is_retried(cluster_env: ClusterEnv):
     env = cluster_env
-    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_WORKER_BACKOFF_LIMIT_PER_INDEX=2)
+    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_SHARD_MAX_ATTEMPTS=3)
     file_id = upload(env, requests(8))
     with env.operator(), env.job_runner(fail=fail_once(1)) as runner:
         batch_id = apply_batch(env, file_id)
@@ -153,7 +153,7 @@ def test_a_shard_failing_once_is_retried(cluster_env: ClusterEnv):
 
 def test_a_shard_failing_past_its_budget_gets_error_lines(cluster_env: ClusterEnv):
     env = cluster_env
-    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_WORKER_BACKOFF_LIMIT_PER_INDEX=1)
+    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_SHARD_MAX_ATTEMPTS=2)
     file_id = upload(env, requests(8))
     with env.operator(), env.job_runner(fail=fail_always(0)) as runner:
         batch_id = apply_batch(env, file_id)
@@ -172,7 +172,7 @@ def test_a_shard_failing_past_its_budget_gets_error_lines(cluster_env: ClusterEn
 
 def test_every_shard_failing_fails_the_batch(cluster_env: ClusterEnv):
     env = cluster_env
-    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_WORKER_BACKOFF_LIMIT_PER_INDEX=0)
+    env.configure(VBATCH_SHARD_TARGET_REQUESTS=4, VBATCH_SHARD_MAX_ATTEMPTS=1)
     file_id = upload(env, requests(8))
     with env.operator(), env.job_runner(fail=fail_always(0, 1)):
         batch_id = apply_batch(env, file_id)
@@ -264,3 +264,54 @@ def test_vbatch_operator_command(cluster_env: ClusterEnv):
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+def _gateway_batch(env: ClusterEnv, file_id: str, n: int):
+    from vbatch.operator.cr_store import KubeBatchStore
+    from vbatch.core import state
+
+    record = state.new_batch(project=PROJECT, input_file_id=file_id, endpoint="/v1/chat/completions",
+                             completion_window="24h", metadata=None, total=n, model="test-model",
+                             window_seconds=3600, now=int(time.time()))
+    KubeBatchStore.from_settings(env.settings).create(record)  # as the gateway does
+    return record
+
+
+def test_cancelled_before_launch_with_its_input_deleted_ends_cancelled(cluster_env: ClusterEnv):
+    env = cluster_env
+    file_id = upload(env, requests(4))
+    record = _gateway_batch(env, file_id, 4)
+    env.files.delete(PROJECT, file_id)
+    env.cluster.patch(BATCH_API, "Batch", batch_object_name(record.id), {"spec": {"cancelRequested": True}})
+    with env.operator():
+        obj = env.wait_settled(record.id)
+    status = obj["status"]
+    assert status["phase"] == "cancelled"
+    assert status["requestCounts"] == {"total": 4, "completed": 0, "failed": 4}
+    assert status["errors"][-1]["code"] == "input_file_not_found"
+
+
+def test_a_step_that_keeps_failing_ends_the_batch_and_says_why(cluster_env: ClusterEnv):
+    from vbatch.core.storage.local import LocalObjectStore
+
+    env = cluster_env
+    env.configure(VBATCH_STEP_RETRY_BASE_SECONDS=0.1, VBATCH_STEP_PERMANENT_ATTEMPTS=3)
+    file_id = upload(env, requests(3))
+    record = _gateway_batch(env, file_id, 3)
+    # The input's bytes turn unreadable after validation: planning shards cannot parse them.
+    LocalObjectStore(env.settings.storage_dir).put_bytes(f"projects/{PROJECT}/files/{file_id}", b"{not json\n")
+    with env.operator():
+        obj = env.wait_settled(record.id)
+    status = obj["status"]
+    assert status["phase"] == "failed"
+    assert status["errors"][0]["code"] == "unreadable_data" and "launch" in status["errors"][0]["message"]
+    assert status["stepFailure"]["attempts"] == 3 and status["stepFailure"]["kind"] == "permanent"
+    condition = {c["type"]: c for c in status["conditions"]}["StepFailed"]
+    assert condition["status"] == "True" and "3 time(s)" in condition["message"]
+    events = [e for e in env.cluster.list("v1", "Event") if e["involvedObject"]["name"] == obj["metadata"]["name"]]
+    failed_steps = [e for e in events if e["reason"] == "StepFailed"]
+    assert len(failed_steps) == 3 and all(e["type"] == "Warning" for e in failed_steps)
+    first = next(e["message"] for e in failed_steps if "attempt 1," in e["message"])
+    assert "unreadable_data" in first and "retrying in" in first
+    assert any(e["reason"] == "Failed" and e["type"] == "Warning" for e in events)
+    assert env.cluster.list("batch/v1", "Job") == []

@@ -2,7 +2,7 @@
 by the emulator while the gateway's store and the operator (with kopf peering, as the
 chart runs it) take batches through every path — run, cancel, delete.
 
-Compared with (1) the tables the code declares (`RBAC_USAGE` in api/kube_store.py and
+Compared with (1) the tables the code declares (`RBAC_USAGE` in operator/cr_store.py and
 operator/kube.py), so a new call cannot slip in unnoticed, and (2) the chart's
 least-privilege expectations (charts/vbatch/rbac-expectations.yaml).
 """
@@ -15,7 +15,7 @@ import pytest
 import yaml
 from api_server import chat_line, jsonl
 from kube.harness import BATCH_API, ClusterEnv, wait_for
-from vbatch.api import kube_store
+from vbatch.operator import cr_store as kube_store
 from vbatch.core import state
 from vbatch.core.ids import batch_object_name
 from vbatch.core.schemas import FilePurpose

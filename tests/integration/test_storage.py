@@ -265,7 +265,9 @@ def test_file_service_create_get_open(object_store):
 def test_file_service_filenames_are_data_not_paths(object_store, given, stored):
     meta = FileService(object_store).create("proj", [b"{}\n"], filename=given, purpose=FilePurpose.BATCH)
     assert meta.filename == (stored or f"{meta.id}.jsonl")
-    assert sorted(object_store.list("")) == [file_key("proj", meta.id), file_key("proj", meta.id) + ".json"]
+    # Only vbatch's own names reach storage (the bytes, the File object; index entries by id).
+    assert sorted(object_store.list("projects/proj/files/")) == [file_key("proj", meta.id), file_key("proj", meta.id) + ".json"]
+    assert not any(stored and stored in key for key in object_store.list(""))
 
 
 def test_file_service_list_pagination_and_delete(object_store):
@@ -313,3 +315,42 @@ def test_an_invalid_bucket_name_is_refused_at_start_up():
 
     with pytest.raises(ValueError, match="bucket 'b'"):
         S3ObjectStore(endpoint="127.0.0.1:9", bucket="b", access_key="k", secret_key="s")
+
+
+# --- paged listing and the batch index ------------------------------------------------
+
+
+def test_list_pages_with_start_after_and_limit(object_store):
+    keys = [f"p/idx/{c}" for c in "0189ABYZ"] + ["p/other/x", "p/idx2"]
+    for key in keys:
+        object_store.put_bytes(key, b"")
+    assert list(object_store.list("p/idx/", limit=3)) == ["p/idx/0", "p/idx/1", "p/idx/8"]
+    assert list(object_store.list("p/idx/", start_after="p/idx/8", limit=3)) == ["p/idx/9", "p/idx/A", "p/idx/B"]
+    assert list(object_store.list("p/idx/", start_after="p/idx/B")) == ["p/idx/Y", "p/idx/Z"]
+    assert list(object_store.list("p/idx/", start_after="p/idx/Z", limit=5)) == []
+    assert list(object_store.list("p/idx/", start_after="p/idx/0x")) == [f"p/idx/{c}" for c in "189ABYZ"]
+
+
+def test_the_batch_index_lists_newest_first_in_pages(object_store):
+    from ulid import ULID
+    from vbatch.core.batch_index import BatchIndex, created_ms, index_key
+    from vbatch.core.schemas import BatchRecord
+
+    ids = [f"batch_{ULID.from_timestamp(1_700_000_000 + i)}" for i in range(25)]
+    index = BatchIndex(object_store)
+    for batch_id in reversed(ids):
+        index.add("p", batch_id)
+    index.add("q", ids[0])
+    newest_first = ids[::-1]
+    assert index.ids_after("p", None, 10) == newest_first[:10]
+    assert index.ids_after("p", newest_first[9], 10) == newest_first[10:20]
+    assert index.ids_after("p", newest_first[19], 10) == newest_first[20:]
+    assert index.ids_after("q", None, 10) == [ids[0]]
+    assert created_ms(ids[3]) == ULID.from_str(ids[3].removeprefix("batch_")).milliseconds
+    assert index_key("p", ids[1]) < index_key("p", ids[0])
+
+    record = BatchRecord(id=ids[0], project="p", endpoint="/v1/chat/completions", input_file_id="file-x",
+                         completion_window="24h", status="completed", created_at=1, completed_at=2, revision="7")
+    index.archive(record)
+    assert index.archived("p", ids[0]) == record.model_copy(update={"revision": None})
+    assert index.archived("q", ids[0]) is None and index.archived("p", ids[1]) is None

@@ -9,6 +9,8 @@ results must keep every custom_id apart.
 
 from __future__ import annotations
 
+import re
+
 import json
 import os
 import time
@@ -245,10 +247,12 @@ def test_path_like_filenames_are_sanitised(
     assert all(ch.isprintable() for ch in name) and len(name) <= 255
     if expected is not None:
         assert name == expected
-    # Stored under the file id only: the project's tree holds exactly the bytes and the metadata.
+    # Stored under the file id only: the project's tree holds exactly the bytes and the
+    # metadata, and the list index's entries (named by creation time and id).
     project_dir = storage / "projects" / tenant.project
     stored = sorted(str(p.relative_to(project_dir)) for p in project_dir.rglob("*") if p.is_file())
-    assert stored == [f"files/{meta['id']}", f"files/{meta['id']}.json"]
+    assert [p for p in stored if not p.startswith("file-index/")] == [f"files/{meta['id']}", f"files/{meta['id']}.json"]
+    assert all(re.fullmatch(r"file-index/batch/(asc|desc)/\d{12}\.[0-9A-Za-z-]{29}", p) for p in stored if p.startswith("file-index/"))
     assert client.get(f"/v1/files/{meta['id']}/content").content == good("a") + b"\n"
     assert client.get(f"/v1/files/{meta['id']}").json()["filename"] == name
 

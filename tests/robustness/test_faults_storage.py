@@ -144,7 +144,7 @@ def test_s3_away_past_the_retry_budget_fails_the_shard_cleanly(tmp_path, s3_serv
             assert r.json()["error"]["type"] == "internal_error"
 
             def some_shard_failed() -> bool:
-                book = executor._books.get(batch["id"])
+                book = executor.runtime._books.get(batch["id"])
                 return bool(book and book.failed)
 
             wait_for(some_shard_failed, 120, "a shard to fail past its retry budget", interval=0.2)

@@ -33,7 +33,8 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from vbatch.api.app import KEEP_ALIVE_SECONDS, create_app
+from vbatch.api.app import create_app
+from vbatch.api.http_protocol import server_config
 from vbatch.api.services import BatchRunner, Services
 from vbatch.core.config import Limits, Settings
 from vbatch.core.files import FileService
@@ -88,8 +89,10 @@ def make_services(
     limits: Limits | None = None,
     runner: BatchRunner | None = None,
     served_models: Collection[str] | None = None,
+    **overrides: object,
 ) -> Services:
-    settings = Settings(data_dir=data_dir, limits=limits or Limits())
+    """`overrides`: any other Settings fields (e.g. body_idle_timeout_seconds=1)."""
+    settings = Settings(data_dir=data_dir, limits=limits or Limits(), **overrides)
     store = LocalObjectStore(settings.storage_dir)
     return Services(
         settings=settings,
@@ -108,8 +111,8 @@ def serve(services: Services) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(services), log_level="warning", access_log=False, lifespan="off",
-                            timeout_keep_alive=KEEP_ALIVE_SECONDS)
+    config = server_config(create_app(services), services.settings, log_level="warning", access_log=False,
+                           lifespan="off")
     server = uvicorn.Server(config)  # signal handlers are main-thread only: skipped here
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -137,8 +140,9 @@ def start_api_server(
     limits: Limits | None = None,
     runner: BatchRunner | None = None,
     served_models: Collection[str] | None = None,
+    **overrides: object,
 ) -> Iterator[ApiServer]:
-    services = make_services(data_dir, limits=limits, runner=runner, served_models=served_models)
+    services = make_services(data_dir, limits=limits, runner=runner, served_models=served_models, **overrides)
     with serve(services) as url:
         yield ApiServer(url=url, services=services, runner=services.runner)
 

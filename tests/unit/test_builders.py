@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vbatch.core import state
 from vbatch.core.ids import new_batch_id
+from vbatch.core.projects import PROJECT_ID_PATTERN
 from vbatch.core.schemas import (
     BatchErrorItem,
     BatchErrors,
@@ -39,7 +40,8 @@ def record(**overrides) -> BatchRecord:
 
 def job(**overrides):
     kwargs = dict(batch_name="batch-01hzx", batch_uid="uid-1", namespace="ns", project="acme",
-                  batch_id="batch_01HZX", model="smollm2", shard_count=4, parallelism=2, worker=WorkerPodConfig())
+                  batch_id="batch_01HZX", model="smollm2", shard_count=4, parallelism=2, worker=WorkerPodConfig(),
+                  max_attempts=3)
     return build_shard_job(**(kwargs | overrides))
 
 
@@ -60,11 +62,19 @@ def test_batch_resource_names_labels_and_spec():
     assert obj["status"]["requestCounts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
-def test_project_label_is_sanitised_but_spec_keeps_the_raw_name():
-    obj = build_batch_resource(record(project="Team A/ß"), "ns")
+def test_a_64_char_project_gets_a_hashed_label_but_spec_keeps_the_id():
+    project = "p" * 64  # a valid project id, one char longer than a label value may be
+    obj = build_batch_resource(record(project=project), "ns")
     label = obj["metadata"]["labels"]["vbatch.dev/project"]
-    assert obj["spec"]["project"] == "Team A/ß"
-    assert label.startswith("Team-A-") and len(label) <= 63
+    assert obj["spec"]["project"] == project
+    assert label.startswith("p" * 40) and len(label) <= 63 and label != project
+    assert builders.project_label(project) == label
+
+
+@pytest.mark.parametrize("project", ["Team A", "a/b", "../x", "", "-lead", "x" * 65])
+def test_a_record_with_an_invalid_project_id_builds_no_resource(project):
+    with pytest.raises(ValueError, match="project"):
+        build_batch_resource(record(project=project), "ns")
 
 
 @pytest.mark.parametrize("raw", ["ok", "a.b_c-d", "", "-x-", "x" * 63, "x" * 64, "ü", "a b", "..."])
@@ -108,7 +118,7 @@ _ts = st.none() | st.integers(min_value=0, max_value=2**40)
 @given(
     status=st.sampled_from(list(BatchStatus)),
     model=st.none() | _text,
-    project=_text.filter(bool),
+    project=st.from_regex(PROJECT_ID_PATTERN, fullmatch=True),
     metadata=st.none() | st.dictionaries(_text, _text, max_size=4),
     counts=st.tuples(*[st.integers(0, 10**6)] * 3),
     usage=st.none() | st.tuples(*[st.integers(0, 10**9)] * 5),
@@ -190,10 +200,10 @@ def test_worker_config_reaches_the_pod():
         volumes=[{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
         volume_mounts=[{"name": "models", "mountPath": "/models"}],
         resources={"requests": {"memory": "8Gi"}, "limits": {"memory": "16Gi"}},
-        image_pull_secrets=["regcred"], backoff_limit_per_index=5, shm_size=None,
+        image_pull_secrets=["regcred"], shm_size=None,
         pod_failure_policy={"rules": [{"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [3]}}]},
     )
-    obj = job(worker=worker)
+    obj = job(worker=worker, max_attempts=6)
     pod = obj["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "reg/vbatch:1"
@@ -207,7 +217,7 @@ def test_worker_config_reaches_the_pod():
     assert pod["nodeSelector"] == {"gpu": "mi300"} and pod["runtimeClassName"] == "nvidia"
     assert pod["tolerations"][0]["key"] == "gpu" and pod["serviceAccountName"] == "worker"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    assert obj["spec"]["backoffLimitPerIndex"] == 5
+    assert obj["spec"]["backoffLimitPerIndex"] == 5  # 6 attempts: the first + 5 retries
     assert obj["spec"]["podFailurePolicy"]["rules"][0]["action"] == "FailIndex"
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from vbatch.worker.catalog import ModelSpec
+from vbatch.core.catalog import ModelSpec
 from vbatch.worker.engines.base import EngineReply, invalid_request
 
 log = logging.getLogger(__name__)

@@ -89,6 +89,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "vbatch.configDir" -}}/etc/vbatch/config{{- end }}
 {{- define "vbatch.keysDir" -}}/etc/vbatch/keys{{- end }}
 {{- define "vbatch.caDir" -}}/etc/vbatch/ca{{- end }}
+{{- define "vbatch.webhooksDir" -}}/etc/vbatch/webhooks{{- end }}
 
 {{/* Plain (non-secret) settings every vbatch process reads, as a name -> value map: the
 gateway and operator get them as env entries, the worker pods through the worker config
@@ -106,6 +107,8 @@ VBATCH_S3_REGION: {{ . | quote }}
 SSL_CERT_FILE: {{ printf "%s/%s" (include "vbatch.caDir" .) .Values.storage.caConfigMapKey | quote }}
 {{- end }}
 VBATCH_MODEL_CATALOG: {{ include "vbatch.configDir" . }}/catalog.yaml
+VBATCH_FILE_EXPIRY_MIN_SECONDS: {{ .Values.files.expiryMinSeconds | int | toString | quote }}
+VBATCH_OUTPUT_RETENTION_SECONDS: {{ .Values.files.outputRetentionSeconds | int | toString | quote }}
 {{- end }}
 
 {{/* The storage credentials' Secret keys are the setting names themselves, so worker pods

@@ -20,7 +20,7 @@ import attrs
 import kmock
 from kmock._internal import enums, parsing, rendering
 
-from . import semantics
+from . import paging, semantics
 from .crds import builtin_specs, load_yaml_documents
 from .selectors import SelectorError, field_selector, label_selector
 from .store import ResourceSpec, Store, WatchEvent, error
@@ -77,6 +77,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
     store: Store = attrs.field(factory=Store, init=False)
     kubernetes_version: tuple[int, int] = (1, 32)
     _changed: asyncio.Event | None = attrs.field(default=None, init=False)
+    _snapshots: paging.Snapshots = attrs.field(factory=paging.Snapshots, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -222,19 +223,9 @@ class KubeEmulator(kmock.KubernetesScaffold):
         return semantics.build_table(items, spec.printer_columns, str(self.store.revision))
 
     def _list(self, request: rendering.Request, spec: ResourceSpec, ns: str | None) -> dict[str, Any]:
-        items = self.store.list(spec.resource, ns, self._matcher(request))
-        revision = str(self.store.revision)
         if self._wants_table(request):
-            return self._table(request, spec, items)
-        # Pagination: `continue` is just the offset; good enough for clients that page.
-        offset = int(request.params.get("continue") or 0)
-        limit = int(request.params.get("limit") or 0)
-        page = items[offset : offset + limit] if limit else items[offset:]
-        metadata: dict[str, Any] = {"resourceVersion": revision}
-        if limit and offset + limit < len(items):
-            metadata["continue"] = str(offset + limit)
-            metadata["remainingItemCount"] = len(items) - offset - limit
-        return {"apiVersion": spec.api_version, "kind": f"{spec.kind}List", "metadata": metadata, "items": page}
+            return self._table(request, spec, self.store.list(spec.resource, ns, self._matcher(request)))
+        return paging.list_page(self.store, self._snapshots, spec, ns, self._matcher(request), request.params)
 
     async def _watch(self, request: rendering.Request, spec: ResourceSpec, ns: str | None) -> AsyncIterator[Any]:
         match = self._matcher(request)

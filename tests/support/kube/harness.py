@@ -55,6 +55,8 @@ class ClusterEnv:
             "VBATCH_WORKER_GPUS": "0",
             "VBATCH_WORKER_ENV": json.dumps(storage_env | {k: str(v) for k, v in env.pop("worker_env", {}).items()}),
             "VBATCH_PART_MAX_SECONDS": "0.2",
+            # In-process operators must not race for one metrics port (a test sets its own).
+            "VBATCH_OPERATOR_METRICS_PORT": "0",
         }
         if window_seconds is not None:
             values["VBATCH_LIMITS"] = json.dumps({"completion_windows": {"24h": window_seconds}})

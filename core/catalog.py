@@ -1,7 +1,8 @@
 """The model catalog: which models this deployment serves, and how to run them.
 
 The gateway reads it to validate `body.model` at batch-create time; the operator
-reads it to size GPU Jobs; the worker reads it to build the engine. One file
+reads it to size GPU Jobs; the worker reads it to build the engine. It lives in core
+because all three read it; preparing and syncing model files stays in the worker. One file
 (YAML or JSON, `VBATCH_MODEL_CATALOG`), the same everywhere:
 
     models:
@@ -23,7 +24,13 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from vbatch.worker.models import DEMO_MODEL_ID, demo_model_dir
+
+# The bundled demo model (`vbatch models prepare` converts it; see vbatch.worker.models).
+DEMO_MODEL_ID = "smollm2-135m-instruct"
+
+
+def demo_model_dir(models_dir: Path) -> Path:
+    return Path(models_dir) / DEMO_MODEL_ID
 
 
 class ModelSpec(BaseModel):
