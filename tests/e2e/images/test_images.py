@@ -174,3 +174,19 @@ def test_the_cpu_worker_image_runs_a_real_engine_shard(release_factory, worker_c
         assert line["response"]["status_code"] == 200 and body["model"] == model
         assert body["choices"][0]["message"]["content"].strip() and body["usage"]["completion_tokens"] > 0
     print(f"images: one real-engine shard (4 requests) in the CPU worker container in {elapsed:.0f} s")
+
+
+def test_the_build_ca_bundle_stays_out_of_the_images(engine, images, worker_cpu_image):
+    """The CA bundle pip used during the build (SSL_CERT_FILE/PIP_CERT here) is in no image:
+    not in its environment, not at the secret's mount point, not in its history."""
+    from kube.kubelet import ulimit_args
+
+    bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    for ref in (images["gateway"], worker_cpu_image):
+        config = engine.image_config(ref)
+        assert not [e for e in config.get("Env") or [] if e.split("=")[0] in {"PIP_CERT", "SSL_CERT_FILE"}], ref
+        history = engine.run("history", "--no-trunc", "--format", "{{.CreatedBy}}", ref).stdout
+        assert bundle is None or bundle not in history, ref
+        probe = engine.run("run", "--rm", "--pull=never", "--network", "host", *ulimit_args(), "--entrypoint",
+                           "sh", ref, "-c", "test ! -e /run/secrets/ca-bundle && echo absent", check=False)
+        assert probe.stdout.strip() == "absent", (ref, probe.stderr)

@@ -272,7 +272,7 @@ class Kubelet:
             args += ["-w", container["workingDir"]]
         command, rest = container.get("command"), list(container.get("args") or [])
         if command:
-            args += ["--entrypoint", json.dumps(command[:1])]
+            args += ["--entrypoint", command[0]]  # a single word: both engines take it as is
             rest = list(command[1:]) + rest
         args.append(image)
         self.started.append(pod_name)
