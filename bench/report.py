@@ -29,7 +29,8 @@ REPO = HERE.parent
 DOC, PNG, RESULTS = REPO / "docs" / "benchmarks.md", REPO / "docs" / "benchmarks.png", HERE / "results.json"
 KEEP = "<!-- Hand-written analysis below this line is kept by bench/report.py. -->"
 KEYS = ["validation_vs_orjson", "upload_vs_direct_put", "upload_peak_rss_mb", "merge_vs_concat",
-        "shard_scaling_efficiency_s8", "e2e_vs_llm_chat", "e2e_vs_run_batch", "file_list_page_20k_vs_20"]
+        "shard_scaling_efficiency_s8", "e2e_vs_llm_chat", "e2e_vs_run_batch", "file_list_page_20k_vs_20",
+        "many_small_vs_one_big", "after_cancel_vs_before"]
 # key -> (goal as text, goal number for the plot or None, higher is better)
 GOALS = {
     "validation_vs_orjson": (">= 0.7", 0.7),
@@ -40,8 +41,10 @@ GOALS = {
     "e2e_vs_llm_chat": (">= 0.95 (excl. model load)", 0.95),
     "e2e_vs_run_batch": (">= 1.0 (wall-clock)", 1.0),
     "file_list_page_20k_vs_20": ("about 1 (O(page), lower is better)", None),
+    "many_small_vs_one_big": (">= 0.9 (tokens/s)", 0.9),
+    "after_cancel_vs_before": ("<= 2 (lower is better)", 2.0),
 }
-BENCHES = ["validate", "upload", "merge", "scaling", "engine", "prefix", "listing"]
+BENCHES = ["validate", "upload", "merge", "scaling", "engine", "prefix", "listing", "warm"]
 
 
 def run_all(only: list[str], quick: bool, size_mb: float | None) -> tuple[dict, dict, dict]:
@@ -58,6 +61,8 @@ def run_all(only: list[str], quick: bool, size_mb: float | None) -> tuple[dict, 
         "prefix": lambda t: __import__("engine").run_prefix(
             t, workloads={"one_system_prompt": (64, 1, 200), "16_system_prompts": (64, 16, 300)} if quick else None),
         "listing": lambda t: __import__("listing").run(t, files_n=2_000 if quick else 20_000, rounds=10 if quick else 30),
+        "warm": lambda t: __import__("warm").run(t, small=12 if quick else 48, size=4,
+                                                 max_tokens=16 if quick else 32, rounds=1 if quick else 2),
     }
     details, errors, seconds = {}, {}, {}
     for name in BENCHES:
@@ -89,6 +94,8 @@ def figures(details: dict) -> dict:
         "e2e_vs_llm_chat": d("engine", "e2e_vs_llm_chat"),
         "e2e_vs_run_batch": d("engine", "e2e_vs_run_batch"),
         "file_list_page_20k_vs_20": d("listing", "file_list_page_big_vs_small"),
+        "many_small_vs_one_big": d("warm", "many_small_vs_one_big"),
+        "after_cancel_vs_before": d("warm", "after_cancel_vs_before"),
     }
 
 
@@ -150,9 +157,19 @@ def rows(details: dict, errors: dict) -> list[tuple[str, str, list[tuple]]]:
              f"{li['middle_page_ms_big']} ms ({li['file_list_middle_page_big_vs_small']}x); "
              f"storage requests per page {li['requests_per_page_big']} vs {li['requests_per_page_small']}; "
              f"reading every File object, as before the index: ~{li['full_scan_seconds_big']} s")]))
+    w = details.get("warm") or {}
+    if w:
+        out.append(("Warm engines shared by every batch (vLLM CPU, one vbatch serve)", "warm", [
+            ("many_small_vs_one_big", f"{w['small_batches']} batches x {w['small_batch_size']}: {w['many_small_tok_s']} tok/s "
+             f"({w['many_small_s']} s)", f"one batch of {w['requests']}: {w['one_big_tok_s']} tok/s ({w['one_big_s']} s)",
+             w["many_small_vs_one_big"], goal("many_small_vs_one_big"),
+             f"{w['max_tokens']} tokens, temperature 0, ignore_eos; created at once on a warm server"),
+            ("after_cancel_vs_before", f"1-request batch after a cancel {w['one_request_after_cancel_s']} s",
+             f"before {w['one_request_before_cancel_s']} s", w["after_cancel_vs_before"], goal("after_cancel_vs_before"),
+             f"engine loads in the whole run: {w['engine_loads']}")]))
     for title, bench in [("Input validation", "validate"), ("Upload", "upload"), ("Result merge", "merge"),
                          ("Shard scaling", "scaling"), ("Real engine end to end", "engine"),
-                         ("Prefix-aware ordering", "prefix"), ("File listing", "listing")]:
+                         ("Prefix-aware ordering", "prefix"), ("File listing", "listing"), ("Warm engines", "warm")]:
         if bench in errors:
             out.append((title, bench, [("(not measured)", "", "", None, "", errors[bench])]))
     return out

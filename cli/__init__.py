@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--engine", default=None, choices=["auto", "vllm", "echo"], help="'echo' is a test engine that echoes prompts: never inference")
-    serve.add_argument("--slots", type=int, default=None, help="worker processes at once (default: GPUs, or 1)")
+    serve.add_argument("--slots", type=int, default=None, help="warm worker processes (engines), each running many shards of its model at once (default: GPUs, or 1)")
     serve.add_argument("--log-level", default="info")
 
     keys = commands.add_parser("keys", help="manage API keys")

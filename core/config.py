@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     engine: str = "auto"
     # Echo test engine only: simulated seconds per generated token (tests, benchmarks).
     echo_delay_per_token: float = 0.0
+    # Echo test engine only: its in-flight budget (vLLM's is 2 x max_num_seqs).
+    echo_max_in_flight: int = 64
     # Model catalog file (YAML or JSON); see vbatch.core.catalog.
     model_catalog: Path | None = None
 
@@ -67,6 +69,21 @@ class Settings(BaseSettings):
     part_max_seconds: float = 2.0
     # After SIGTERM (cancel, expiry, pod eviction), how long in-flight requests may finish.
     stop_grace_seconds: float = 10.0
+    # Warm workers (single node): shards one worker process runs at once, and how long
+    # another model's work may wait before a slot drains its model to switch.
+    worker_max_shards: int = 32
+    model_switch_after_seconds: float = 60.0
+    # Cluster mode: "pools" = warm per-model pools of worker pods shared by every batch;
+    # "jobs" = one Indexed Job per batch (a pod per shard, the model loaded per batch).
+    cluster_runtime: Literal["pools", "jobs"] = "pools"
+    # Cluster pools: a pool pod leaves after this long without work (scale to zero);
+    # how often it reads its assignments and writes its heartbeat; a heartbeat older
+    # than the lease means the pod is gone and its shards are re-assigned.
+    pool_idle_seconds: float = 300.0
+    pool_poll_seconds: float = 2.0
+    pool_lease_seconds: float = 60.0
+    # A pool grows (up to the model's max_replicas) once every member holds this many shards.
+    pool_target_shards: int = 4
 
     # Tries per shard before it counts as failed (its lines get `shard_failed`): the
     # local runtime's attempts, the Kubernetes Job's backoffLimitPerIndex + 1.

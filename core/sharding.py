@@ -34,7 +34,9 @@ def _text_chars(content: Any) -> int:
 def estimate_tokens(body: dict[str, Any]) -> int:
     """Rough prompt + completion tokens of one chat request (for balancing, not billing).
     Never raises: a malformed body gets its error line from the engine, not a stuck launch."""
-    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        body = {}
+    messages = body.get("messages")
     if not isinstance(messages, list):
         messages = []
     chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))

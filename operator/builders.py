@@ -32,6 +32,17 @@ LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 WORKER_CONTAINER = "worker"
 
 
+def missing_labels(name: str, spec: dict[str, Any] | None, labels: dict[str, str] | None) -> dict[str, str]:
+    """The labels a Batch lacks (or has wrong) that the CR store selects by: a Batch
+    applied with kubectl carries none, so a labelled list would not find it."""
+    project = (spec or {}).get("project")
+    wanted = {LABEL_BATCH: name}
+    if isinstance(project, str) and project:
+        wanted[LABEL_PROJECT] = project_label(project)
+    have = labels or {}
+    return {k: v for k, v in wanted.items() if have.get(k) != v}
+
+
 def job_name(batch_name: str) -> str:
     """The shard Job of a Batch; pods are `<job>-<index>-<suffix>`, well under 63 chars."""
     return f"{batch_name}-shards"

@@ -26,7 +26,7 @@ from vbatch.core.operations import Operations, build_operations
 from vbatch.core.schemas import TERMINAL_STATUSES
 from vbatch.core.storage import open_store
 from vbatch.operator.archive import BatchArchiver
-from vbatch.operator.builders import GROUP, PLURAL, VERSION
+from vbatch.operator.builders import GROUP, PLURAL, VERSION, missing_labels
 from vbatch.operator.config import WorkerPodConfig
 from vbatch.operator.kube import Kube, api_client
 from vbatch.operator.kube_batches import KubeAnnouncer, KubeBatches
@@ -62,7 +62,7 @@ def build_driver(settings: Settings | None = None, events: BatchEvents | None = 
         files=FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
                           output_retention_seconds=settings.output_retention_seconds),
         batches=KubeBatches(kube, settings),
-        runtime=KubeRuntime(kube=kube, store=store, settings=settings, worker=load_worker_config(), model_gpus=gpus),
+        runtime=_runtime(settings, kube, store, gpus),
         served_models=served,
         events=events,
     )
@@ -75,6 +75,30 @@ def build_operator_operations(settings: Settings) -> Operations:
     files = FileService(store, upload_retention_seconds=settings.limits.upload_retention_seconds,
                         output_retention_seconds=settings.output_retention_seconds)
     return build_operations(settings, files, Kube(api_client("operator"), settings.namespace), cluster=True)
+
+
+def _runtime(settings: Settings, kube: Kube, store: Any, gpus: dict[str, int]) -> Any:
+    worker = load_worker_config()
+    if settings.cluster_runtime == "jobs":
+        return KubeRuntime(kube=kube, store=store, settings=settings, worker=worker, model_gpus=gpus)
+    from vbatch.operator.pool_runtime import PoolRuntime
+
+    return PoolRuntime(kube=kube, store=store, settings=settings, worker=worker,
+                       max_replicas=_max_replicas(settings), model_gpus=gpus)
+
+
+def _max_replicas(settings: Settings):
+    """Pool size per model: the catalog's max_replicas (1 for a model it does not list)."""
+    from vbatch.core.catalog import load_catalog
+
+    try:
+        catalog = load_catalog(settings.model_catalog, settings.data_dir)
+    except (OSError, ValueError, KeyError):
+        if settings.engine != "echo":
+            raise
+        catalog = None  # the echo test engine runs without a catalog
+    sizes = {m.id: m.max_replicas for m in catalog.models} if catalog is not None else {}
+    return lambda model: sizes.get(model, 1)
 
 
 def _catalog(settings: Settings) -> tuple[list[str] | None, dict[str, int]]:
@@ -105,6 +129,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # `kubectl describe batch`; only its warnings and errors are posted.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = int(os.environ.get("VBATCH_OPERATOR_WATCH_TIMEOUT", "300"))
+    # The operator serves exactly its --namespace and the CRDs installed before it (the
+    # chart's crds/). kopf's scanning would list/watch Namespaces and CRDs cluster-wide;
+    # least privilege grants neither, and kopf retries a 403 for ~55 s before it falls
+    # back to the same namespace list. Disabled, it uses discovery only (no RBAC needed).
+    settings.scanning.disabled = True
+    # A deleted Batch keeps kopf's finalizer until its timers (tick, archive) exited;
+    # one still running when the deletion arrives (the archive timer deletes its own
+    # Batch) would otherwise be re-checked only after 60 s.
+    settings.background.cancellation_polling = 0.5
     app_settings = Settings()
     memo.operations = build_operator_operations(app_settings)
     memo.driver = build_driver(app_settings, memo.operations.events)
@@ -127,6 +160,13 @@ def shut_down(memo: kopf.Memo, **_: Any) -> None:
 # --- triggers -------------------------------------------------------------------------
 
 
+def _label(body: kopf.Body, patch: kopf.Patch) -> None:
+    # The API lists a project's batches by label; kubectl-applied ones arrive without.
+    missing = missing_labels(body.metadata.name, dict(body.spec), dict(body.metadata.labels))
+    if missing:
+        patch.metadata.setdefault("labels", {}).update(missing)
+
+
 def _step(name: str, spec: Any, memo: kopf.Memo) -> None:
     try:
         memo.driver.drive(spec.get("project", ""), batch_id_from_object_name(name))
@@ -139,7 +179,8 @@ def _step(name: str, spec: Any, memo: kopf.Memo) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec.cancelRequested")
-def on_change(name: str, spec: Any, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def on_change(name: str, spec: Any, body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
+    _label(body, patch)
     try:
         memo.archiver.index_batch(dict(body))  # kubectl-applied Batches are listed too
     except Exception:

@@ -42,18 +42,30 @@ def api_client(component: str) -> kubernetes.client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig.
 
     $KUBECONFIG is read now, not at import: the client's default path was frozen when
-    `kubernetes.config` was imported, which may predate the caller setting it. The
-    user agent names the component, so audit logs (and the RBAC test) tell the
-    gateway's calls from the operator's.
+    `kubernetes.config` was imported, which may predate the caller setting it. A
+    kubeconfig context named `vbatch-<component>` is used when there is one, so one
+    file can give the gateway and the operator their own credentials (each its own
+    ServiceAccount's, as in the chart); else the current context. The user agent
+    names the component, so audit logs tell the gateway's calls from the operator's.
     """
     try:
         config = kubernetes.client.Configuration()
         kubernetes.config.load_incluster_config(client_configuration=config)
         client = kubernetes.client.ApiClient(config)
     except kubernetes.config.ConfigException:
-        client = kubernetes.config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+        path = os.environ.get("KUBECONFIG")
+        client = kubernetes.config.new_client_from_config(config_file=path, context=_component_context(path, component))
     client.user_agent = f"vbatch-{component}/{_version()}"
     return client
+
+
+def _component_context(path: str | None, component: str) -> str | None:
+    try:
+        contexts, _ = kubernetes.config.list_kube_config_contexts(config_file=path)
+    except kubernetes.config.ConfigException:
+        return None
+    wanted = f"vbatch-{component}"
+    return wanted if any(c.get("name") == wanted for c in contexts or []) else None
 
 
 class BatchResources:

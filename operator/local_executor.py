@@ -44,7 +44,9 @@ class LocalExecutor:
         self.poll_seconds = poll_seconds
         self._wake = threading.Event()
         self._stopped = threading.Event()
-        workers = functools.partial(LocalWorkers, engine=engine, env=settings_env(settings), slots=slots)
+        workers = functools.partial(LocalWorkers, engine=engine, env=settings_env(settings), slots=slots,
+                                    max_shards_per_worker=settings.worker_max_shards,
+                                    switch_after_seconds=settings.model_switch_after_seconds)
         self.runtime = LocalRuntime(store=store, max_attempts=settings.shard_max_attempts,
                                     retry_backoff=retry_backoff, workers=workers, wake=self._wake.set)
         self.driver = Driver(settings=settings, store=store, files=files, batches=batches, runtime=self.runtime,

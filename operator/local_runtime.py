@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vbatch.core import lifecycle, metrics
+from vbatch.core import lifecycle
 from vbatch.core.runtime import ShardsSeen
 from vbatch.core.schemas import BatchRecord
 from vbatch.core.storage.base import ObjectStore
@@ -70,9 +70,10 @@ class LocalRuntime:
 
     def observe(self, record: BatchRecord) -> ShardsSeen:
         book = self._book(record)
+        holders = self.workers.holders(record.id)  # outside our lock: the pool has its own
         with self._lock:
             return ShardsSeen(succeeded=frozenset(book.succeeded), failed=frozenset(book.failed),
-                              attempts=dict(book.attempts))
+                              attempts=dict(book.attempts), holders=holders)
 
     def stop(self, record: BatchRecord) -> bool:
         with self._lock:
@@ -120,7 +121,6 @@ class LocalRuntime:
             if book is None:
                 return
             book.running.discard(task.shard)
-            metrics.shard_attempt(task.model, "succeeded" if result.finished else "stopped" if book.stopping else "failed")
             if result.finished:
                 book.succeeded.add(task.shard)
             elif not book.stopping:  # died, or stopped without finishing: one attempt spent

@@ -8,10 +8,11 @@ was done (non-zero so that a Job retries the index, and the next attempt resumes
 configuration; 3 object storage failed or the shard is missing; 4 the engine could
 not be loaded; 1 anything unexpected.
 
-serve-stdin protocol: one JSON task per stdin line, `{"project", "batch_id",
-"shard"}`; one JSON line per task on stdout, `{"project", "batch_id", "shard",
-"finished", "completed", "failed"}` (plus `"error"` when the task could not run).
-The process exits at EOF, or after the current task when a signal stops it.
+serve-stdin protocol (vbatch.worker.serve): JSON lines; tasks `{"project",
+"batch_id", "shard"}` arrive while others run and all run at once on the one
+engine; `{"op": "abort", "batch_id"}` aborts a batch's shards; one reply line per
+task. The process exits at EOF once its shards end, or after flushing them when a
+signal stops it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from typing import Any, TextIO
 
 import orjson
 from vbatch.core.config import Settings
 from vbatch.core.errors import StorageError
 from vbatch.core.storage import ObjectNotFound, ObjectStore, open_store
+from vbatch.worker.admission import Admission
 from vbatch.worker.engines.base import Engine
+from vbatch.worker.serve import SERVE_WINDOW_MAX_BYTES, ShardServer, describe, loaded_event, stdin_lines
 from vbatch.worker.shard import run_shard
 
 log = logging.getLogger("vbatch.worker")
@@ -40,12 +43,10 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STORAGE, EXIT_ENGINE = 0, 1, 2, 3, 4
 # index, or its unfinished requests would end up as shard_failed lines.
 EXIT_STOPPED = 75
 
-
 class Fatal(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
 
 def _parser(settings: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vbatch worker", description=__doc__.split("\n\n")[0])
@@ -58,20 +59,25 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
                    help="'auto' = vllm when installed; 'echo' is a test engine, never inference")
     p.add_argument("--serve-stdin", action="store_true",
                    help="long-lived: read shard tasks as JSON lines on stdin")
+    p.add_argument("--pool", help="cluster pool mode: the pool (model) whose shards this pod runs")
+    p.add_argument("--member", help="cluster pool mode: this pod's member name (its Job's name)")
+    p.add_argument("--idle-seconds", type=float, default=settings.pool_idle_seconds,
+                   help="pool mode: leave the pool after this long without work")
+    p.add_argument("--poll-seconds", type=float, default=settings.pool_poll_seconds,
+                   help="pool mode: how often assignments are read and the heartbeat written")
     p.add_argument("--part-max-results", type=int, default=settings.part_max_results)
     p.add_argument("--part-max-seconds", type=float, default=settings.part_max_seconds)
     p.add_argument("--stop-grace-seconds", type=float, default=settings.stop_grace_seconds,
                    help="after SIGTERM, how long in-flight requests may still finish")
     p.add_argument("--echo-delay-per-token", type=float, default=settings.echo_delay_per_token,
                    help="echo engine only: simulated seconds per generated token")
-    p.add_argument("--echo-max-in-flight", type=int, default=64, help="echo engine only")
+    p.add_argument("--echo-max-in-flight", type=int, default=settings.echo_max_in_flight,
+                   help="echo engine only: its in-flight request budget")
     return p
-
 
 def _env_shard() -> int | None:
     value = os.environ.get("JOB_COMPLETION_INDEX")
     return int(value) if value and value.isdigit() else None
-
 
 def _make_engine(args: argparse.Namespace, settings: Settings) -> Engine:
     choice = args.engine
@@ -108,7 +114,6 @@ def _make_engine(args: argparse.Namespace, settings: Settings) -> Engine:
             raise Fatal(f"model {spec.id}: cannot copy {spec.path}: {exc}", EXIT_STORAGE) from exc
     return VllmEngine(spec)
 
-
 def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
 
@@ -120,14 +125,12 @@ def _install_signals(stop: asyncio.Event) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-
 async def _start_engine(engine: Engine) -> None:
     try:
         await engine.start()
     except Exception as exc:
         raise Fatal(f"engine {engine.name!r} failed to load: {type(exc).__name__}: {exc}",
                     EXIT_ENGINE) from exc
-
 
 async def _run_task(store: ObjectStore, engine: Engine, args: argparse.Namespace,
                     stop: asyncio.Event, project: str, batch_id: str, shard: int) -> dict[str, Any]:
@@ -144,7 +147,6 @@ async def _run_task(store: ObjectStore, engine: Engine, args: argparse.Namespace
             "finished": progress.finished, "completed": progress.completed,
             "failed": progress.failed}
 
-
 async def _one_shot(args: argparse.Namespace, store: ObjectStore, engine: Engine) -> int:
     stop = asyncio.Event()
     _install_signals(stop)
@@ -156,81 +158,50 @@ async def _one_shot(args: argparse.Namespace, store: ObjectStore, engine: Engine
     log.info("shard result: %s", result)
     return EXIT_OK if result["finished"] else EXIT_STOPPED
 
-
-def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str | None]:
-    """stdin lines fed from a daemon thread: a thread blocked in readline must never
-    keep the process alive once a signal asked it to exit."""
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def pump() -> None:
-        for line in sys.stdin:
-            loop.call_soon_threadsafe(queue.put_nowait, line)
-        loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    threading.Thread(target=pump, name="stdin", daemon=True).start()
-    return queue
-
-
-def _parse_task(line: str) -> tuple[str, str, int]:
-    task = orjson.loads(line)
-    if not isinstance(task, dict):
-        raise ValueError("a task must be a JSON object")
-    project, batch_id, shard = task.get("project"), task.get("batch_id"), task.get("shard")
-    if not isinstance(project, str) or not isinstance(batch_id, str):
-        raise ValueError("a task needs string 'project' and 'batch_id'")
-    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 0:
-        raise ValueError("a task needs a non-negative integer 'shard'")
-    return project, batch_id, shard
-
-
 async def _serve(args: argparse.Namespace, store: ObjectStore, engine: Engine, out: TextIO) -> int:
     stop = asyncio.Event()
     _install_signals(stop)
+    started = time.monotonic()
     await _start_engine(engine)
-    lines = _stdin_lines(asyncio.get_running_loop())
-    stopped = asyncio.ensure_future(stop.wait())
-
-    def reply(data: dict[str, Any]) -> None:
-        out.write(orjson.dumps(data).decode() + "\n")
-        out.flush()
-
+    server = ShardServer(_shard_runner(store, engine, args), Admission(engine.max_in_flight), stop, out)
+    # The pool counts engine loads from this line (one per process start).
+    server.reply(loaded_event(engine.name, args.model, started))
+    log.info("engine %s loaded (model %s): serving shards, up to %d requests in flight",
+             engine.name, args.model, engine.max_in_flight)
     try:
-        while not stop.is_set():
-            next_line = asyncio.ensure_future(lines.get())
-            await asyncio.wait({next_line, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_line.done():
-                next_line.cancel()
-                break
-            line = next_line.result()
-            if line is None:
-                break  # EOF: the executor has no more work for us
-            if not line.strip():
-                continue
-            try:
-                project, batch_id, shard = _parse_task(line)
-            except ValueError as exc:
-                reply({"error": f"bad task: {exc}", "finished": False})
-                continue
-            try:
-                reply(await _run_task(store, engine, args, stop, project, batch_id, shard))
-            except (StorageError, ObjectNotFound) as exc:
-                # The executor sees finished=false and decides; the loaded engine
-                # stays useful for the next task.
-                log.error("shard %s of %s: %s", shard, batch_id, _describe(exc))
-                reply({"project": project, "batch_id": batch_id, "shard": shard,
-                       "finished": False, "completed": 0, "failed": 0,
-                       "error": _describe(exc)})
+        await server.serve(stdin_lines(asyncio.get_running_loop()))
     finally:
-        stopped.cancel()
         await engine.close()
     return EXIT_OK
 
+def _shard_runner(store: ObjectStore, engine: Engine, args: argparse.Namespace):
+    async def run(project: str, batch_id: str, shard: int, *, admission: Admission,
+                  abort: asyncio.Event, stop: asyncio.Event) -> dict[str, Any]:
+        progress = await run_shard(
+            store, engine, project=project, batch_id=batch_id, shard=shard,
+            part_max_results=args.part_max_results, part_max_seconds=args.part_max_seconds,
+            stop=stop, stop_grace_seconds=args.stop_grace_seconds, admission=admission,
+            abort=abort, window_max_bytes=SERVE_WINDOW_MAX_BYTES,
+        )
+        return {"finished": progress.finished, "completed": progress.completed, "failed": progress.failed}
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ObjectNotFound):
-        return f"object not found in storage: {exc.args[0] if exc.args else exc}"
-    return str(exc) or type(exc).__name__
+    return run
 
+async def _pool(args: argparse.Namespace, store: ObjectStore, engine: Engine) -> int:
+    from vbatch.worker.pool_member import PoolMember
+
+    stop = asyncio.Event()
+    _install_signals(stop)
+    await _start_engine(engine)
+    log.info("engine %s loaded (model %s): member %s of pool %s", engine.name, args.model, args.member, args.pool)
+    member = PoolMember(store, _shard_runner(store, engine, args), Admission(engine.max_in_flight),
+                        pool=args.pool, member=args.member, stop=stop,
+                        poll_seconds=args.poll_seconds, idle_seconds=args.idle_seconds)
+    try:
+        await member.serve()
+    finally:
+        await engine.close()
+    return EXIT_OK
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -242,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     parser = _parser(settings)
     args = parser.parse_args(argv)
-    if not args.serve_stdin:
+    if args.pool or args.member:
+        if not (args.pool and args.member):
+            parser.error("pool mode needs both --pool and --member")
+    elif not args.serve_stdin:
         missing = [n for n in ("project", "batch_id") if not getattr(args, n)]
         if args.shard is None:
             missing.append("shard (or $JOB_COMPLETION_INDEX)")
@@ -263,18 +237,19 @@ def main(argv: list[str] | None = None) -> int:
         engine = _make_engine(args, settings)
         if args.serve_stdin:
             return asyncio.run(_serve(args, store, engine, out))
+        if args.pool:
+            return asyncio.run(_pool(args, store, engine))
         return asyncio.run(_one_shot(args, store, engine))
     except Fatal as exc:
         print(f"vbatch worker: {exc}", file=sys.stderr)
         return exc.code
     except (StorageError, ObjectNotFound) as exc:
-        print(f"vbatch worker: storage: {_describe(exc)}", file=sys.stderr)
+        print(f"vbatch worker: storage: {describe(exc)}", file=sys.stderr)
         return EXIT_STORAGE
     except Exception as exc:
         log.exception("worker failed")
         print(f"vbatch worker: unexpected failure: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-
 
 if __name__ == "__main__":
     sys.exit(main())

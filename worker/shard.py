@@ -9,7 +9,13 @@ the next run does them again. The progress record is derived from the parts and
 may lag them; it is never the source of truth.
 
 The engine must already be started (`await engine.start()`): the long-lived worker
-keeps one loaded engine across many shards.
+keeps one loaded engine across many shards, and runs many shards at once; their
+requests share the engine's in-flight budget through one fair `Admission`.
+
+Two ways to end early: `stop` (SIGTERM, shutdown) lets in-flight requests finish for
+a grace period; `abort` (cancel or expiry of this batch) cancels them at once, which
+aborts them inside the engine (vLLM aborts a request whose task is cancelled). Either
+way what finished is flushed to parts; a request cut short is never written.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from vbatch.core.ids import new_batch_request_id, new_request_id
 from vbatch.core.layout import ShardProgress
 from vbatch.core.schemas import LineError, ResponseEnvelope, ResultLine
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore, iter_lines
+from vbatch.worker.admission import Admission
 from vbatch.worker.engines.base import Engine
 
 log = logging.getLogger("vbatch.worker.shard")
@@ -85,7 +92,8 @@ class _ShardRun:
     def __init__(
         self, store: ObjectStore, engine: Engine, *, project: str, batch_id: str, shard: int,
         part_max_results: int, part_max_seconds: float, stop: asyncio.Event,
-        stop_grace_seconds: float, window_lines: int,
+        stop_grace_seconds: float, window_lines: int, admission: Admission,
+        abort: asyncio.Event, window_max_bytes: int,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -95,6 +103,12 @@ class _ShardRun:
         self.stop = stop
         self.stop_grace_seconds = stop_grace_seconds
         self.window_lines = window_lines
+        self.window_max_bytes = window_max_bytes
+        self.admission = admission
+        self.abort = abort
+        # Set before in-flight requests are cancelled: a cancelled vLLM request still
+        # returns (an error reply, "Client disconnected"), which must not become a result.
+        self.discarding = False
         self.progress = ShardProgress(shard=shard)
         self.done: set[str] = set()  # custom_ids with a result in a written part
         self.seen: set[str] = set()  # custom_ids of the shard read so far
@@ -178,7 +192,7 @@ class _ShardRun:
                 continue
             window.append(request)
             size += len(raw)
-            if len(window) >= self.window_lines or size >= WINDOW_MAX_BYTES:
+            if len(window) >= self.window_lines or size >= self.window_max_bytes:
                 break
         window.sort(key=lambda r: prefix_key(r.body))  # stable: file order within a group
         return window
@@ -206,11 +220,13 @@ class _ShardRun:
 
     # --- running requests -------------------------------------------------------------
 
-    async def _run_one(self, request: _Request, slots: asyncio.Semaphore) -> None:
+    async def _run_one(self, request: _Request) -> None:
         try:
-            self._collect(await self._result_for(request))
+            line = await self._result_for(request)
+            if not self.discarding:
+                self._collect(line)
         finally:
-            slots.release()
+            self.admission.release()
 
     async def _result_for(self, request: _Request) -> ResultLine:
         line_id = new_batch_request_id()
@@ -238,22 +254,27 @@ class _ShardRun:
         if len(self.buffer) >= self.part_max_results:
             self.wake.set()
 
-    async def _acquire(self, slots: asyncio.Semaphore) -> bool:
-        """Wait for an engine slot; False when stop was requested first."""
-        if self.stop.is_set():
+    def _halted(self) -> bool:
+        return self.stop.is_set() or self.abort.is_set()
+
+    async def _acquire(self) -> bool:
+        """Wait for an engine slot (fair across batches); False when stop or abort came first."""
+        if self._halted():
             return False
-        acquire = asyncio.ensure_future(slots.acquire())
+        acquire = asyncio.ensure_future(self.admission.acquire(self.project, self.batch_id))
         stopped = asyncio.ensure_future(self.stop.wait())
-        await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        aborted = asyncio.ensure_future(self.abort.wait())
+        await asyncio.wait({acquire, stopped, aborted}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
+        aborted.cancel()
         if not acquire.done():
             acquire.cancel()
         try:
             await acquire
         except asyncio.CancelledError:
             return False
-        if self.stop.is_set():
-            slots.release()
+        if self._halted():
+            self.admission.release()
             return False
         return True
 
@@ -331,11 +352,11 @@ class _ShardRun:
 
         flusher = asyncio.create_task(self._flusher(), name=f"shard-{self.shard}-flusher")
         tasks: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(self.engine.max_in_flight)
         try:
-            await self._submit_all(slots, tasks, flusher)
+            await self._submit_all(tasks, flusher)
             await self._drain(tasks)
         finally:
+            self.discarding = True
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -348,21 +369,24 @@ class _ShardRun:
         return self.progress
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
-        """Wait for in-flight requests; once stop is set, only for the grace period.
-        Those still running after it are abandoned: never written, so a later run
-        redoes them."""
+        """Wait for in-flight requests; once stop is set, only for the grace period;
+        once abort is set, not at all. Those still running then are abandoned: never
+        written, so a later run redoes them (or the merge marks them cancelled)."""
+        loop = asyncio.get_running_loop()
         stopped = asyncio.ensure_future(self.stop.wait())
+        aborted = asyncio.ensure_future(self.abort.wait())
         try:
-            while tasks and not self.stop.is_set():
-                await asyncio.wait(tasks | {stopped}, return_when=asyncio.FIRST_COMPLETED)
+            while tasks and not self._halted():
+                await asyncio.wait(tasks | {stopped, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            deadline = loop.time() + self.stop_grace_seconds
+            while tasks and not self.abort.is_set() and loop.time() < deadline:
+                await asyncio.wait(tasks | {aborted}, timeout=deadline - loop.time(),
+                                   return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.stop_grace_seconds)
+            aborted.cancel()
 
-    async def _submit_all(
-        self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]], flusher: asyncio.Task[None]
-    ) -> None:
+    async def _submit_all(self, tasks: set[asyncio.Task[None]], flusher: asyncio.Task[None]) -> None:
         """Submit every remaining request, or until stop is set."""
         lines = await _storage(self._open_shard)
         while True:
@@ -373,9 +397,9 @@ class _ShardRun:
             for request in window:
                 if flusher.done():
                     flusher.result()  # a failed flush is fatal: raise it here
-                if not await self._acquire(slots):
+                if not await self._acquire():
                     return
-                task = asyncio.create_task(self._run_one(request, slots))
+                task = asyncio.create_task(self._run_one(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
@@ -392,6 +416,9 @@ async def run_shard(
     stop: asyncio.Event | None = None,
     stop_grace_seconds: float = 10.0,
     window_lines: int | None = None,
+    admission: Admission | None = None,
+    abort: asyncio.Event | None = None,
+    window_max_bytes: int = WINDOW_MAX_BYTES,
 ) -> ShardProgress:
     """Run one shard to the end (or until `stop` is set) and return its progress.
 
@@ -399,7 +426,9 @@ async def run_shard(
     Storage failing past its retries raises `StorageError` (results not yet in a part
     are lost and redone by the next run); a missing shard raises `ObjectNotFound`.
     `window_lines` bounds the prefix-reordering window (default 4 x max_in_flight,
-    at least 1024 lines).
+    at least 1024 lines). `admission` is shared by every shard on the same engine
+    (default: one of this run's own, sized to the engine's in-flight budget); `abort`
+    ends the run at once, cancelling its in-flight requests inside the engine.
     """
     if window_lines is None:
         window_lines = max(4 * engine.max_in_flight, 1024)
@@ -408,5 +437,8 @@ async def run_shard(
         part_max_results=part_max_results, part_max_seconds=part_max_seconds,
         stop=stop if stop is not None else asyncio.Event(),
         stop_grace_seconds=stop_grace_seconds, window_lines=max(1, window_lines),
+        admission=admission if admission is not None else Admission(engine.max_in_flight),
+        abort=abort if abort is not None else asyncio.Event(),
+        window_max_bytes=max(1, window_max_bytes),
     )
     return await run.run()

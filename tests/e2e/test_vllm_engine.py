@@ -283,3 +283,41 @@ def test_batch_work_gets_the_offline_scheduler_sizes(demo_model_dir: Path) -> No
     pinned = ModelSpec(id=MODEL, path=str(demo_model_dir), max_num_seqs=8, engine_args={"max_num_batched_tokens": 1024})
     args = VllmEngine(pinned)._build_args()
     assert (args.max_num_seqs, args.max_num_batched_tokens) == (8, 1024)
+
+
+@pytest.mark.vllm
+def test_aborting_a_shard_aborts_its_requests_inside_the_engine(engine: VllmEngine, loop, tmp_path: Path) -> None:
+    """Cancel/expiry abort requests, not the process: the engine's in-flight requests of
+    the aborted shard are gone at once, none of them becomes a result line (vLLM answers a
+    cancelled request with "Client disconnected"), and the engine serves the next one."""
+    import json
+
+    from vbatch.core import layout
+    from vbatch.core.storage.local import LocalObjectStore
+    from vbatch.worker.shard import run_shard
+
+    store = LocalObjectStore(tmp_path / "store")
+    lines = [{"custom_id": f"long-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": chat(max_tokens=1024, ignore_eos=True, temperature=0)} for i in range(8)]
+    store.put_bytes(layout.shard_key("p", "batch_abort", 0), b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+    client = engine._chat.engine_client
+
+    async def scenario():
+        abort = asyncio.Event()
+        shard = asyncio.create_task(run_shard(store, engine, project="p", batch_id="batch_abort", shard=0,
+                                              abort=abort, part_max_seconds=0.1))
+        deadline = loop.time() + 120
+        while client.output_processor.get_num_unfinished_requests() < len(lines):
+            assert loop.time() < deadline, "the requests never reached the engine"
+            await asyncio.sleep(0.05)
+        abort.set()
+        progress = await asyncio.wait_for(shard, 30)
+        await asyncio.sleep(0.1)
+        return progress, client.output_processor.get_num_unfinished_requests()
+
+    progress, unfinished = loop.run_until_complete(scenario())
+    assert not progress.finished and progress.completed == progress.failed == 0
+    assert unfinished == 0
+    assert list(store.list(layout.results_prefix("p", "batch_abort", 0))) == []
+    reply = loop.run_until_complete(engine.chat_completion(chat(max_tokens=4), "after_abort"))
+    assert reply.status_code == 200

@@ -22,6 +22,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from kube.chart import render as render_chart
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "vbatch"
@@ -51,16 +52,7 @@ def chart():
 
 def render(chart, values=None, *, name=RELEASE, namespace=NAMESPACE):
     """Render like `helm install`: returns (objects, NOTES text)."""
-    rendered = chart.render(values or {}, name=name, namespace=namespace, is_install=True)
-    notes = ""
-    objects = []
-    for path, text in rendered.items():
-        assert "<no value>" not in text, f"{path} renders a missing value"
-        if path.endswith("NOTES.txt"):
-            notes = text
-            continue
-        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return objects, notes
+    return render_chart(chart, values, name=name, namespace=namespace)
 
 
 def by_kind(objects, kind):
@@ -163,8 +155,10 @@ def test_optional_objects_are_off_by_default(chart):
     kinds = {o["kind"] for o in objects}
     assert not kinds & {"Ingress", "ServiceMonitor", "PodDisruptionBudget"}
     # What a default install does create.
-    assert {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "ClusterRole",
-            "ClusterRoleBinding", "ConfigMap", "Secret", "KopfPeering"} <= kinds
+    assert {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret",
+            "KopfPeering"} <= kinds
+    # Namespaced through and through: nothing cluster-wide (kopf's scanning is disabled).
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
 
 
 def test_ingress_and_service_monitor_target_the_gateway(chart):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 
@@ -172,8 +173,11 @@ def test_finalizers_hold_deletion_until_removed(crs):
     crs.delete_namespaced_custom_object(G, V, NS, P, "b1")
     held = crs.get_namespaced_custom_object(G, V, NS, P, "b1")
     assert held["metadata"]["deletionTimestamp"]
-    # Finalizers may only shrink once deletion started.
-    crs.patch_namespaced_custom_object(G, V, NS, P, "b1", {"metadata": {"finalizers": ["vbatch.dev/results", "x"]}})
+    # Finalizers may only shrink once deletion started: adding one is refused (422).
+    with pytest.raises(ApiException) as refused:
+        crs.patch_namespaced_custom_object(G, V, NS, P, "b1",
+                                           {"metadata": {"finalizers": ["vbatch.dev/results", "x"]}})
+    assert refused.value.status == 422 and "no new finalizers can be added" in refused.value.body
     assert crs.get_namespaced_custom_object(G, V, NS, P, "b1")["metadata"]["finalizers"] == ["vbatch.dev/results"]
     crs.patch_namespaced_custom_object(G, V, NS, P, "b1", {"metadata": {"finalizers": None}})
     with pytest.raises(ApiException) as exc:
@@ -185,12 +189,12 @@ def test_json_patch_with_a_failing_test_op_is_422(crs, kube_cluster):
     # kopf guards its finalizer patches this way; the official client only sends merge patches.
     created = create(crs, batch("b1"))
     url = f"{kube_cluster.url}/apis/{G}/{V}/namespaces/{NS}/{P}/b1"
-    headers = {"Content-Type": "application/json-patch+json"}
+    headers = {"Content-Type": "application/json-patch+json", **kube_cluster.admin_headers}
     ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
            {"op": "replace", "path": "/spec/model", "value": "x"}]
-    assert httpx.patch(url, json=ops, headers=headers).status_code == 422
+    assert httpx.patch(url, json=ops, headers=headers, verify=ssl.create_default_context(cafile=kube_cluster.ca_file)).status_code == 422
     ops[0]["value"] = created["metadata"]["resourceVersion"]
-    response = httpx.patch(url, json=ops, headers=headers)
+    response = httpx.patch(url, json=ops, headers=headers, verify=ssl.create_default_context(cafile=kube_cluster.ca_file))
     assert response.status_code == 200 and response.json()["spec"]["model"] == "x"
 
 

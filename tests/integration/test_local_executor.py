@@ -7,73 +7,10 @@ import os
 import signal
 import time
 
-import orjson
 import pytest
-from vbatch.core import state
-from vbatch.core.config import Settings
-from vbatch.core.files import FileService
-from vbatch.core.schemas import BatchStatus, FilePurpose
-from vbatch.core.sqlite_store import SqliteBatchStore
-from vbatch.core.storage.local import LocalObjectStore
-from vbatch.operator.local_executor import LocalExecutor
+from vbatch.core.schemas import BatchStatus
 
-P = "proj"
-
-
-def lines(n: int, words: int | None = 4) -> bytes:
-    """n requests; words=None varies the reply length (1..8 words) so they finish at different times."""
-    out = []
-    for i in range(n):
-        count = words if words is not None else i % 8 + 1
-        body = {"model": "m", "messages": [{"role": "user", "content": " ".join(f"w{i}" for _ in range(count))}]}
-        out.append(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
-    return b"\n".join(out) + b"\n"
-
-
-class Node:
-    """A single-node setup in a temp dir; `executor()` starts a (new) driver."""
-
-    def __init__(self, tmp_path, **overrides):
-        options = {"engine": "echo", "shard_target_requests": 10, "part_max_results": 5, "part_max_seconds": 0.2}
-        self.settings = Settings(data_dir=tmp_path, **(options | overrides))
-        self.store = LocalObjectStore(self.settings.storage_dir)
-        self.files = FileService(self.store)
-        self.batches = SqliteBatchStore(tmp_path / "batches.sqlite3")
-        self.running: list[LocalExecutor] = []
-
-    def executor(self) -> LocalExecutor:
-        ex = LocalExecutor(settings=self.settings, store=self.store, files=self.files, batches=self.batches,
-                           served_models=None, engine="echo", poll_seconds=0.1, retry_backoff=0.2)
-        ex.start()
-        self.running.append(ex)
-        return ex
-
-    def submit(self, n: int, window: int = 3600, words: int | None = 4):
-        f = self.files.create(P, iter([lines(n, words)]), filename="in.jsonl", purpose=FilePurpose.BATCH)
-        record = state.new_batch(project=P, input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
-                                 metadata=None, total=n, model="m", window_seconds=window, now=int(time.time()))
-        self.batches.create(record)
-        return record
-
-    def wait(self, batch_id, statuses, timeout=60):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            record = self.batches.get(P, batch_id)
-            if record.status in statuses:
-                return record
-            time.sleep(0.1)
-        raise AssertionError(f"batch stuck in {record.status}: {record.request_counts}")
-
-    def results(self, record):
-        out = {}
-        for file_id in (record.output_file_id, record.error_file_id):
-            if file_id:
-                _, chunks = self.files.open(P, file_id)
-                for line in b"".join(chunks).splitlines():
-                    item = orjson.loads(line)
-                    assert item["custom_id"] not in out, "a custom_id appears twice"
-                    out[item["custom_id"]] = item
-        return out
+from local_node import P, Node
 
 
 @pytest.fixture
@@ -103,7 +40,9 @@ def test_batch_completes_with_exact_counts_and_results(node):
 
 
 def test_counts_move_while_in_progress_and_cancel_keeps_partial_results(tmp_path):
-    node = Node(tmp_path, echo_delay_per_token=0.02)
+    # The worker runs all 6 shards at once: a small in-flight budget keeps it busy long
+    # enough to cancel mid-way.
+    node = Node(tmp_path, echo_delay_per_token=0.05, echo_max_in_flight=4)
     node.executor()
     record = node.submit(60)
     deadline = time.time() + 30
@@ -204,6 +143,26 @@ def test_an_input_file_deleted_before_launch_fails_the_batch_cleanly(tmp_path):
     assert done.errors.data[0].code == "input_file_not_found"
     for ex in node.running:
         ex.stop()
+
+
+def test_a_worker_killed_holding_shards_of_several_batches_completes_each_exactly_once(tmp_path):
+    node = Node(tmp_path, echo_delay_per_token=0.05, echo_max_in_flight=6)
+    ex = node.executor()
+    records = [node.submit(n, words=None) for n in (30, 20, 15)]  # 3 + 2 + 2 shards
+    slot = ex._slots[0]
+    deadline = time.time() + 30
+    while len({t.batch_id for t in list(slot.running.values())}) < 3 or slot.process is None:
+        assert time.time() < deadline, "the worker never held shards of every batch"
+        time.sleep(0.01)
+    os.kill(slot.process.pid, signal.SIGKILL)
+    for record in records:
+        done = node.wait(record.id, {BatchStatus.COMPLETED})
+        total = record.request_counts.total
+        assert done.request_counts.model_dump() == {"total": total, "completed": total, "failed": 0}
+        assert len(node.results(done)) == total
+    assert ex.runtime.workers.engine_loads == {"m": 2}
+    for e in node.running:
+        e.stop()
 
 
 def test_cancelled_before_launch_with_its_input_deleted_ends_cancelled(tmp_path):

@@ -28,6 +28,8 @@ OPERATIONS = [
     ("/v1/batches", "GET"),
     ("/v1/batches/{batch_id}", "GET"),
     ("/v1/batches/{batch_id}/cancel", "POST"),
+    ("/v1/models", "GET"),
+    ("/v1/models/{model_id}", "GET"),
 ]
 OPEN_ROUTES = {("/healthz", "GET"), ("/readyz", "GET"), ("/metrics", "GET")}
 

@@ -17,7 +17,7 @@ from collections import Counter
 
 import orjson
 import pytest
-from test_local_executor import Node, P
+from local_node import Node, P
 from vbatch.core import layout
 from vbatch.core.schemas import BatchStatus
 
@@ -47,7 +47,10 @@ def test_random_sigkills_of_workers_lose_and_double_nothing(tmp_path) -> None:
     kills_that_landed_mid_shard = 0
     for trial in range(TRIALS):
         rng = random.Random(1000 + trial)
-        node = Node(tmp_path / f"trial{trial}", echo_delay_per_token=0.04, shard_target_requests=12)
+        # One warm worker runs all 3 shards at once, so every kill spends an attempt of
+        # each: the retry budget must outlast the kills.
+        node = Node(tmp_path / f"trial{trial}", echo_delay_per_token=0.04, shard_target_requests=12,
+                    shard_max_attempts=KILLS_PER_TRIAL + 1)
         ex = node.executor()
         try:
             record = node.submit(N, words=None)  # replies of 1..8 words: 0.04..0.32 s each

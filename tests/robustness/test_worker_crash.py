@@ -181,13 +181,17 @@ def test_serve_stdin_runs_tasks_with_one_loaded_engine_and_exits_at_eof(data_dir
                           capture_output=True, text=True, timeout=30)
 
     assert proc.returncode == 0, proc.stderr
-    replies = [orjson.loads(line) for line in proc.stdout.splitlines()]
+    loaded, *replies = [orjson.loads(line) for line in proc.stdout.splitlines()]
+    assert loaded["event"] == "engine_loaded" and loaded["engine"] == "echo"
+    # Tasks run at once, so replies come as each ends: match them by shard.
     assert len(replies) == 4
-    assert {k: replies[0][k] for k in ("shard", "finished", "completed", "failed")} == \
+    (bad,) = [r for r in replies if "shard" not in r]
+    by_shard = {r["shard"]: r for r in replies if "shard" in r}
+    assert {k: by_shard[0][k] for k in ("shard", "finished", "completed", "failed")} == \
         {"shard": 0, "finished": True, "completed": 12, "failed": 0}
-    assert "bad task" in replies[1]["error"]
-    assert (replies[2]["shard"], replies[2]["finished"], replies[2]["completed"]) == (1, True, 7)
-    assert replies[3]["shard"] == 9 and replies[3]["finished"] is False and "not found" in replies[3]["error"]
+    assert "bad task" in bad["error"]
+    assert (by_shard[1]["finished"], by_shard[1]["completed"]) == (True, 7)
+    assert by_shard[9]["finished"] is False and "not found" in by_shard[9]["error"]
     assert result_ids(store, shard=1) == Counter(f"s1-r{i}" for i in range(7))
 
 
@@ -207,7 +211,8 @@ def test_serve_stdin_sigterm_stops_the_running_task_after_flushing(data_dir, sto
     stdout, stderr = proc.communicate(timeout=30)
 
     assert proc.returncode == 0, stderr
-    (reply,) = [orjson.loads(line) for line in stdout.splitlines()]
+    loaded, reply = [orjson.loads(line) for line in stdout.splitlines()]
+    assert loaded["event"] == "engine_loaded"
     assert reply["finished"] is False and reply["completed"] == sum(result_ids(store).values()) > 0
 
 

@@ -138,3 +138,43 @@ def test_simulated_driver_always_ends_terminal_through_legal_steps(shards, event
             break
     assert record.status.is_terminal
     assert record.created_at <= (record.completed_at or record.failed_at or record.cancelled_at or record.expired_at)
+
+
+def test_transition_returns_an_independent_copy():
+    """Drivers update the moved record's nested parts (counts, metadata) in place;
+    the record they started from must not change with it."""
+    record = make(S.IN_PROGRESS, metadata={"k": "v"})
+    moved = state.transition(record, S.FINALIZING, 5)
+    moved.metadata["k"] = "changed"
+    moved.request_counts.completed = 9
+    assert record.metadata == {"k": "v"}
+    assert record.request_counts.completed == 0
+
+
+def test_a_cancel_is_recorded_as_requested_and_refusals_say_why():
+    moved = state.request_cancel(make(S.IN_PROGRESS), 5)
+    assert moved.cancel_requested is True  # what the Batch resource's spec.cancelRequested carries
+    with pytest.raises(Conflict) as err:
+        state.request_cancel(make(S.COMPLETED), 5)
+    assert err.value.envelope()["error"]["code"] == "batch_not_cancellable"
+    assert "completed" in err.value.envelope()["error"]["message"]
+
+
+def test_a_cancel_flag_acts_only_before_finalizing():
+    """spec.cancelRequested (set with kubectl, say) cancels a validating or running
+    batch; one that is already merging its results finishes instead."""
+    flagged = {"cancel_requested": True}
+    assert next_action(make(S.VALIDATING, **flagged), Observation(now=1000)) == Action.CANCEL
+    assert next_action(make(S.IN_PROGRESS, **flagged), Observation(now=1000, shards_total=1)) == Action.CANCEL
+    assert next_action(make(S.FINALIZING, **flagged), Observation(now=1000, shards_total=1)) == Action.FINALIZE
+    assert next_action(make(S.COMPLETED, **flagged), Observation(now=1000)) == Action.NONE
+
+
+def test_a_launched_batch_waits_until_every_shard_reports():
+    launched = make(S.IN_PROGRESS, shard_count=1)
+    assert next_action(launched, Observation(now=1000, shards_total=1)) == Action.WAIT
+    assert next_action(launched, Observation(now=1000, shards_total=1, shards_failed=1)) == Action.FINALIZE
+    assert not Observation(now=0).all_shards_ended  # not launched: nothing has ended
+    # the window ends exactly at expires_at (created 1000 + 100 s)
+    assert next_action(launched, Observation(now=1099, shards_total=1)) == Action.WAIT
+    assert next_action(launched, Observation(now=1100, shards_total=1)) == Action.EXPIRE

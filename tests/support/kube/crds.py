@@ -27,6 +27,12 @@ def builtin_specs() -> list[ResourceSpec]:
                      status_subresource=True, default_propagation="Orphan"),
         ResourceSpec("events.k8s.io", "v1", "events", "Event", singular="event", shortnames=("ev",)),
         ResourceSpec("coordination.k8s.io", "v1", "leases", "Lease", singular="lease"),
+        ResourceSpec("rbac.authorization.k8s.io", "v1", "roles", "Role", singular="role"),
+        ResourceSpec("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", singular="rolebinding"),
+        ResourceSpec("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False,
+                     singular="clusterrole"),
+        ResourceSpec("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding",
+                     namespaced=False, singular="clusterrolebinding"),
         ResourceSpec(*CRD_RESOURCE, "CustomResourceDefinition", namespaced=False,
                      singular="customresourcedefinition", shortnames=("crd", "crds"), status_subresource=True),
     ]
@@ -49,6 +55,7 @@ def spec_from_crd(crd: dict[str, Any]) -> list[ResourceSpec]:
             status_subresource="status" in (version.get("subresources") or {}),
             schema=(version.get("schema") or {}).get("openAPIV3Schema"),
             printer_columns=version.get("additionalPrinterColumns"),
+            custom=True,
         )
         for version in spec["versions"]
         if version.get("served", True)

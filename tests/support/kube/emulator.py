@@ -6,6 +6,11 @@ reactions such as `emulator['list batches'] << 500`). Its own `KubernetesEmulato
 objects as plain merged dicts, with no resourceVersion, no conflicts, no subresources,
 no selectors and no garbage collection, so this class replaces that layer with `Store`
 and serves CRUD, patches, watches and server-side tables (for `kubectl get`) itself.
+
+Every request is authenticated (bearer tokens: the admin's, ServiceAccounts') and
+authorized through the RBAC objects in the store before it is served (rbac.py), and
+recorded in `audit`; the server speaks HTTPS only (tls.py), as client-go sends tokens
+over TLS only.
 """
 
 from __future__ import annotations
@@ -22,10 +27,33 @@ from kmock._internal import enums, parsing, rendering
 
 from . import paging, semantics
 from .crds import builtin_specs, load_yaml_documents
+from .rbac import (
+    MASTERS,
+    Attributes,
+    RBACAuthorizer,
+    TokenAuthenticator,
+    UserInfo,
+    bootstrap_policy,
+    forbidden,
+    request_attributes,
+    unauthorized,
+)
 from .selectors import SelectorError, field_selector, label_selector
 from .store import ResourceSpec, Store, WatchEvent, error
+from .strategic import kind_schema
 
 VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
+
+
+@attrs.frozen
+class AuditEvent:
+    """One request as the API server's audit log records it: who, what, allowed or not."""
+
+    request_id: int
+    user: UserInfo | None  # None: the token was not accepted (401)
+    attributes: Attributes | None
+    allowed: bool
+    user_agent: str
 
 
 def parse_k8s_path(path: str) -> parsing.ParsedPath:
@@ -78,6 +106,13 @@ class KubeEmulator(kmock.KubernetesScaffold):
     kubernetes_version: tuple[int, int] = (1, 32)
     _changed: asyncio.Event | None = attrs.field(default=None, init=False)
     _snapshots: paging.Snapshots = attrs.field(factory=paging.Snapshots, init=False)
+    # Authentication and RBAC, on by default as on any real cluster; `admin_token` is in
+    # system:masters (what a kubeconfig from `kind` or a cloud console carries).
+    authorization: bool = True
+    authenticator: TokenAuthenticator = attrs.field(init=False)
+    authorizer: RBACAuthorizer = attrs.field(init=False)
+    admin_token: str = attrs.field(init=False)
+    audit: list[AuditEvent] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -86,6 +121,11 @@ class KubeEmulator(kmock.KubernetesScaffold):
         for spec in builtin_specs():
             self.store.register(spec)
         self.store.create(kmock.resource("", "v1", "namespaces"), None, {"metadata": {"name": "default"}})
+        for obj in bootstrap_policy():
+            self.apply(obj)
+        self.authenticator = TokenAuthenticator(self.store)
+        self.authorizer = RBACAuthorizer(self.store)
+        self.admin_token = self.authenticator.issue(UserInfo("kubernetes-admin", (MASTERS, "system:authenticated")))
         # The official client asks for `/apis/` and `/api/`; the API server ignores the slash.
         self.fallback["get /apis/"] << self._serve_apis
         self.fallback["get /api/"] << self._serve_api
@@ -112,6 +152,39 @@ class KubeEmulator(kmock.KubernetesScaffold):
         return [self.store.create(crd, None, doc) for doc in load_yaml_documents(path)
                 if doc.get("kind") == "CustomResourceDefinition"]
 
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create any object of a known kind, as `kubectl create -f` (an admin) would."""
+        api_version, kind = obj["apiVersion"], obj["kind"]
+        spec = next((s for s in self.store.specs.values() if s.api_version == api_version and s.kind == kind), None)
+        if spec is None:
+            raise KeyError(f"unknown kind {api_version} {kind}")
+        namespace = (obj.get("metadata") or {}).get("namespace") if spec.namespaced else None
+        return self.store.create(spec.resource, namespace, obj)
+
+    def _authorize(self, request: rendering.Request) -> kmock.KubernetesError | None:
+        """Authenticate, then authorize through RBAC (None: go ahead), and audit it."""
+        raw = request._raw_request
+        agent = request.headers.get("User-Agent", "")
+        if not self.authorization or raw is None:
+            return None
+        user = self.authenticator.authenticate(request.headers.get("Authorization"))
+        if user is None:
+            self.audit.append(AuditEvent(request.id, None, None, False, agent))
+            return unauthorized()
+        attributes = request_attributes(raw.method, raw.path, raw.query_string, user)
+        decision = self.authorizer.authorize(attributes)
+        self.audit.append(AuditEvent(request.id, user, attributes, decision.allowed, agent))
+        return None if decision.allowed else forbidden(attributes, decision.reason)
+
+    @staticmethod
+    def _status_response(exc: kmock.KubernetesError) -> aiohttp.web.Response:
+        # The Status body kube-apiserver writes (kmock's own would add a traceback).
+        body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                "message": exc.message, "reason": exc.reason, "code": exc.status}
+        if exc.details:
+            body["details"] = exc.details
+        return aiohttp.web.json_response(body, status=exc.status, headers={"X-Content-Type-Options": "nosniff"})
+
     def _wake(self) -> None:
         if self._changed is not None:
             self._changed.set()
@@ -129,6 +202,9 @@ class KubeEmulator(kmock.KubernetesScaffold):
         try:
             request = await parse_request(raw_request, id=len(self._requests))
             self._requests.append(request)
+            denied = self._authorize(request)
+            if denied is not None:
+                return self._status_response(denied)
             return await self._handle(request)
         except rendering.StreamingError as e:
             response = e.args[0]
@@ -190,8 +266,14 @@ class KubeEmulator(kmock.KubernetesScaffold):
         if method == enums.method.PATCH and request.name is not None:
             ctype = request.headers.get("Content-Type", "application/merge-patch+json")
             patch = request.data
+            builtin_schema = None if spec.custom else kind_schema(spec.group, spec.version, spec.kind)
+            if spec.custom and ctype.split(";")[0].strip().lower() == "application/strategic-merge-patch+json":
+                # Custom resources have no Go types to carry patch strategies (apiserver patch.go).
+                raise error(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                            "accepted media types include: application/json-patch+json, "
+                            "application/merge-patch+json, application/apply-patch+yaml")
             return self.store.update(spec.resource, ns, request.name,
-                                     lambda old: semantics.apply_patch(ctype, old, patch),
+                                     lambda old: semantics.apply_patch(ctype, old, patch, builtin_schema),
                                      subresource=request.subresource)
         if method == enums.method.DELETE:
             options = request.data if isinstance(request.data, dict) else {}

@@ -9,8 +9,10 @@ is only ever touched from one thread.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import copy
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import yaml
 
 from .emulator import KubeEmulator
 from .store import ResourceSpec
+from .tls import TLSRawTestServer, make_serving_cert
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[3]
@@ -41,6 +44,10 @@ class KubeCluster:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
+        # HTTPS like a real API server: client-go sends tokens over TLS only.
+        self.tls = make_serving_cert()
+        self.ca_file = kubeconfig.parent / "apiserver-ca.crt"
+        self.ca_file.write_bytes(self.tls.ca_pem)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -66,23 +73,62 @@ class KubeCluster:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with KubeEmulator() as emulator, kmock.Server(emulator, host="127.0.0.1") as server:
+        tls = functools.partial(TLSRawTestServer, ssl_context=self.tls.server_context(self.kubeconfig.parent))
+        async with KubeEmulator() as emulator, kmock.Server(emulator, host="127.0.0.1", server_cls=tls) as server:
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
 
     def _write_kubeconfig(self) -> None:
+        assert self.emulator is not None
+        self.write_kubeconfig(self.kubeconfig, {"emulator": self.emulator.admin_token})
+
+    def write_kubeconfig(self, path: Path, tokens: dict[str, str], *, current: str | None = None) -> Path:
+        """A kubeconfig with one context (and user) per token; the first is current."""
+        names = list(tokens)
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
-            "contexts": [{"name": "emulator",
-                          "context": {"cluster": "emulator", "user": "tester", "namespace": self.namespace}}],
-            "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {
+                "server": self.url, "certificate-authority-data": base64.b64encode(self.tls.ca_pem).decode()}}],
+            "users": [{"name": name, "user": {"token": token}} for name, token in tokens.items()],
+            "contexts": [{"name": name, "context": {"cluster": "emulator", "user": name, "namespace": self.namespace}}
+                         for name in names],
+            "current-context": current or names[0],
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config), encoding="utf-8")
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return path
+
+    # --- identities (authentication and RBAC) ------------------------------------
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """For raw HTTP calls as the cluster admin (what the kubeconfig carries)."""
+        assert self.emulator is not None
+        return {"Authorization": f"Bearer {self.emulator.admin_token}"}
+
+    def service_account_token(self, name: str, namespace: str | None = None) -> str:
+        """A token for an existing ServiceAccount, as the TokenRequest API issues it."""
+        assert self.emulator is not None
+        return self.call(self.emulator.authenticator.issue_for_service_account, namespace or self.namespace, name)
+
+    def install_chart_identities(self, *, values: dict[str, Any] | None = None) -> dict[str, str]:
+        """Apply the chart's ServiceAccounts and RBAC (rendered by Helm for this namespace);
+        returns {component: ServiceAccount name}."""
+        from .chart import identity_objects
+
+        assert self.emulator is not None
+        accounts: dict[str, str] = {}
+        for obj in identity_objects(self.namespace, values=values):
+            if obj["kind"] == "ServiceAccount":
+                accounts[obj["metadata"]["labels"]["app.kubernetes.io/component"]] = obj["metadata"]["name"]
+            try:
+                self.call(self.emulator.apply, obj)
+            except kmock.KubernetesError as exc:
+                if exc.status != 409:  # installed already (a second ClusterEnv on this cluster)
+                    raise
+        return accounts
 
     # --- helpers (run on the emulator's loop) -----------------------------------
 

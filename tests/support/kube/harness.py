@@ -41,11 +41,23 @@ class ClusterEnv:
     tmp: Path
     monkeypatch: pytest.MonkeyPatch
 
+    def identities(self) -> Path:
+        """The chart's ServiceAccounts and RBAC, installed in the cluster, and a kubeconfig
+        with a context per component holding its ServiceAccount's token: the gateway
+        (`vbatch-gateway`) and the operator (`vbatch-operator`, current, so kopf logs in
+        with it too) get exactly the permissions a real install gives them."""
+        path = self.tmp / "components.kubeconfig"
+        if not path.exists():
+            accounts = self.cluster.install_chart_identities()
+            tokens = {f"vbatch-{c}": self.cluster.service_account_token(accounts[c]) for c in ("operator", "gateway")}
+            self.cluster.write_kubeconfig(path, tokens, current="vbatch-operator")
+        return path
+
     def configure(self, *, interval: float = 0.3, window_seconds: int | None = None, **env: Any) -> None:
         data = self.tmp / "data"
         storage_env = {"VBATCH_DATA_DIR": str(data), "VBATCH_STORAGE": "local", "VBATCH_ENGINE": "echo"}
         values: dict[str, Any] = {
-            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "KUBECONFIG": str(self.identities()),
             **storage_env,
             "VBATCH_BATCH_STORE": "kubernetes",
             "VBATCH_NAMESPACE": self.cluster.namespace,
@@ -57,6 +69,9 @@ class ClusterEnv:
             "VBATCH_PART_MAX_SECONDS": "0.2",
             # In-process operators must not race for one metrics port (a test sets its own).
             "VBATCH_OPERATOR_METRICS_PORT": "0",
+            # The suites written for one Indexed Job per batch pin that runtime; pool
+            # tests pass VBATCH_CLUSTER_RUNTIME="pools" (the product default).
+            "VBATCH_CLUSTER_RUNTIME": "jobs",
         }
         if window_seconds is not None:
             values["VBATCH_LIMITS"] = json.dumps({"completion_windows": {"24h": window_seconds}})
@@ -97,8 +112,10 @@ class ClusterEnv:
             kopf.set_default_registry(previous)
         assert runner.exception is None, runner.output[-4000:]
 
-    def job_runner(self, *, fail: FailHook | None = None, capacity: int = 8) -> JobRunner:
-        return JobRunner(self.cluster, self.tmp / "pods", fail=fail, capacity=capacity)
+    def job_runner(self, *, fail: FailHook | None = None, capacity: int = 8, backoff_base: float = 0.2) -> JobRunner:
+        # The Job controller waits 10 s before an index's first retry (doubling after);
+        # the same schedule, scaled down, keeps retry tests quick.
+        return JobRunner(self.cluster, self.tmp / "pods", fail=fail, capacity=capacity, backoff_base=backoff_base)
 
     # --- reading the cluster --------------------------------------------------------
 

@@ -13,6 +13,18 @@ Pods are real objects too, with a finalizer playing the kubelet: deleting a Pod
 SIGTERM, and only after the process exited does the Pod disappear — so "no pods of
 this Job remain" means what it means on a real cluster.
 
+The Job controller's failure handling follows pkg/controller/job (Kubernetes 1.32):
+- a failed pod of an index is matched against `podFailurePolicy` (onExitCodes,
+  onPodConditions; Ignore / FailIndex / FailJob / Count), Ignore not counting;
+- each index counts its own failures (the pods' `batch.kubernetes.io/job-index-failure-count`
+  annotation); past `backoffLimitPerIndex` the index is in `failedIndexes`, else it is
+  recreated after the per-index back-off, `base * 2^(failures-1)` capped at 10 min (the
+  controller's base is 10 s; tests pass a shorter one);
+- more failed indexes than `maxFailedIndexes`, or a FailJob rule, fail the Job at once
+  (its running pods are terminated);
+- terminal conditions arrive as in 1.31+: `SuccessCriteriaMet`/`FailureTarget` first,
+  `Complete`/`Failed` once no pod of the Job runs any more.
+
 With a `kubelet` (tests/support/kube/kubelet.py), pods run as containers from the image
 their spec names instead of local processes: the image tests.
 
@@ -36,6 +48,7 @@ from typing import Any
 
 from .fixtures import KubeCluster
 from .kubelet import Kubelet, PodSpecError
+from .store import now_rfc3339
 
 KUBELET_FINALIZER = "vbatch.test/kubelet"
 JOB_API = ("batch/v1", "Job")
@@ -62,6 +75,11 @@ def format_indexes(indexes: set[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)  # type: ignore[misc]
 
 
+MAX_POD_FAILURE_BACKOFF = 600.0  # the Job controller's MaxJobPodFailureBackOff
+INDEX_FAILURE_COUNT = "batch.kubernetes.io/job-index-failure-count"
+INDEX_IGNORED_FAILURE_COUNT = "batch.kubernetes.io/job-index-ignored-failure-count"
+
+
 @dataclass
 class JobState:
     name: str
@@ -70,18 +88,51 @@ class JobState:
     parallelism: int
     backoff: int
     pending: list[int]
+    max_failed: int | None = None
+    failure_policy: dict[str, Any] | None = None
     running: dict[int, str] = field(default_factory=dict)  # index -> pod name
-    attempts: dict[int, int] = field(default_factory=dict)
+    attempts: dict[int, int] = field(default_factory=dict)  # pods started per index
+    failures: dict[int, int] = field(default_factory=dict)  # counted failures per index
+    ignored: dict[int, int] = field(default_factory=dict)  # failures the policy ignored
+    not_before: dict[int, float] = field(default_factory=dict)  # per-index back-off
     completed: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
     failed_pods: int = 0
+    # (reason, message) once the Job must fail as a whole (FailJob rule, too many failed indexes)
+    failure_target: tuple[str, str] | None = None
+    start_time: str | None = None
     written: dict[str, Any] | None = None
+
+
+def failure_action(policy: dict[str, Any] | None, exit_code: int, conditions: list[dict[str, Any]]) -> str:
+    """The podFailurePolicy action for a failed pod: the first rule that matches, else Count."""
+    for rule in (policy or {}).get("rules") or []:
+        codes = rule.get("onExitCodes")
+        if codes is not None:
+            inside = exit_code in (codes.get("values") or [])
+            if (codes.get("operator") == "In") == inside and exit_code != 0:
+                return rule["action"]
+            continue
+        for wanted in rule.get("onPodConditions") or []:
+            if any(c.get("type") == wanted.get("type") and c.get("status") == wanted.get("status", "True")
+                   for c in conditions):
+                return rule["action"]
+    return "Count"
+
+
+def index_backoff(base: float, failures: int) -> float:
+    """The delay before an index's next pod: base * 2^(failures-1), capped (job controller)."""
+    if failures <= 0:
+        return 0.0
+    return min(base * 2 ** (failures - 1), MAX_POD_FAILURE_BACKOFF)
 
 
 class JobRunner:
     def __init__(self, cluster: KubeCluster, logs: Path, *, fail: FailHook | None = None,
-                 capacity: int = 8, poll: float = 0.1, kubelet: Kubelet | None = None) -> None:
+                 capacity: int = 8, poll: float = 0.1, backoff_base: float = 10.0,
+                 kubelet: Kubelet | None = None) -> None:
         self.cluster = cluster
+        self.backoff_base = backoff_base
         self.logs = logs
         self.fail = fail or (lambda job, index, attempt: False)
         self.capacity = capacity
@@ -92,6 +143,8 @@ class JobRunner:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}  # by pod name
         self.terminated: set[str] = set()
         self.launched: list[tuple[str, int]] = []  # (job, index) per attempt, for assertions
+        self.launched_at: list[float] = []  # time.monotonic() of each launch, same order
+        self.failed_at: dict[tuple[str, int], list[float]] = {}  # when each index's pods failed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
         logs.mkdir(parents=True, exist_ok=True)
@@ -133,7 +186,8 @@ class JobRunner:
                 self.jobs[uid] = JobState(
                     name=job["metadata"]["name"], uid=uid, completions=spec["completions"],
                     parallelism=spec.get("parallelism", 1), backoff=spec.get("backoffLimitPerIndex", 6),
-                    pending=list(range(spec["completions"])))
+                    pending=list(range(spec["completions"])), max_failed=spec.get("maxFailedIndexes"),
+                    failure_policy=spec.get("podFailurePolicy"), start_time=now_rfc3339())
         for uid in [u for u in self.jobs if u not in live]:
             del self.jobs[uid]  # deleted: its pods are terminating through the pod path below
         self._kubelet(set(live))
@@ -172,8 +226,11 @@ class JobRunner:
                 continue
             del state.running[index]
             phase = "Succeeded" if code == 0 else "Failed"
+            conditions: list[dict[str, Any]] = []
             try:
-                image = self.cluster.get(*POD_API, pod)["spec"]["containers"][0].get("image", "")
+                obj = self.cluster.get(*POD_API, pod)
+                conditions = (obj.get("status") or {}).get("conditions") or []
+                image = obj["spec"]["containers"][0].get("image", "")
                 self.cluster.patch_status(*POD_API, pod, {"phase": phase, "containerStatuses": [
                     {"name": "worker", "image": image, "imageID": "", "ready": False, "restartCount": 0,
                      "state": {"terminated": {"exitCode": code}}}]})
@@ -182,20 +239,47 @@ class JobRunner:
             if code == 0:
                 state.completed.add(index)
                 continue
+            self.failed_at.setdefault((state.name, index), []).append(time.monotonic())
+            if state.failure_target is not None:
+                continue  # the Job is failing: its pods are being terminated, nothing is retried
+            action = failure_action(state.failure_policy, code, conditions)
+            if action == "Ignore":
+                state.ignored[index] = state.ignored.get(index, 0) + 1
+                state.pending.append(index)  # replaced at once, no retry spent
+                continue
             state.failed_pods += 1
-            state.attempts[index] = state.attempts.get(index, 0) + 1
-            if state.attempts[index] > state.backoff:
+            state.failures[index] = state.failures.get(index, 0) + 1
+            if action == "FailJob":
+                state.failure_target = ("PodFailurePolicy", f"Pod {pod} matched a FailJob rule")
+            elif action == "FailIndex" or state.failures[index] > state.backoff:
                 state.failed.add(index)
+                if state.max_failed is not None and len(state.failed) > state.max_failed:
+                    state.failure_target = ("MaxFailedIndexesExceeded", "Job has exceeded the specified "
+                                            "maximal number of failed indexes")
             else:
+                state.not_before[index] = time.monotonic() + index_backoff(self.backoff_base, state.failures[index])
                 state.pending.append(index)
+        if state.failure_target is not None:
+            state.pending.clear()
+            for pod in state.running.values():  # the controller deletes a failing Job's pods
+                try:
+                    self.cluster.delete(*POD_API, pod)
+                except Exception:
+                    pass
 
     def _running_total(self) -> int:
         return sum(len(s.running) for s in self.jobs.values())
 
     def _start(self, state: JobState, job: dict[str, Any]) -> None:
-        while state.pending and len(state.running) < state.parallelism and self._running_total() < self.capacity:
-            index = state.pending.pop(0)
+        now = time.monotonic()
+        while len(state.running) < state.parallelism and self._running_total() < self.capacity:
+            ready = [i for i in state.pending if state.not_before.get(i, 0.0) <= now]
+            if not ready:
+                return
+            index = ready[0]
+            state.pending.remove(index)
             attempt = state.attempts.get(index, 0)
+            state.attempts[index] = attempt + 1
             template = job["spec"]["template"]
             container = template["spec"]["containers"][0]
             pod_name = f"{state.name}-{index}-{secrets.token_hex(3)}"
@@ -205,6 +289,9 @@ class JobRunner:
             self.cluster.create({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": pod_name, "labels": labels, "finalizers": [KUBELET_FINALIZER],
+                             "annotations": {"batch.kubernetes.io/job-completion-index": str(index),
+                                             INDEX_FAILURE_COUNT: str(state.failures.get(index, 0)),
+                                             INDEX_IGNORED_FAILURE_COUNT: str(state.ignored.get(index, 0))},
                              "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": state.name,
                                                   "uid": state.uid, "controller": True,
                                                   "blockOwnerDeletion": True}]},
@@ -226,6 +313,7 @@ class JobRunner:
                 log.close()
             state.running[index] = pod_name
             self.launched.append((state.name, index))
+            self.launched_at.append(time.monotonic())
 
     def _container(self, pod_name: str, pod_spec: dict[str, Any], index: int) -> subprocess.Popen[bytes]:
         assert self.kubelet is not None
@@ -238,15 +326,28 @@ class JobRunner:
 
     def _write_status(self, state: JobState) -> None:
         status: dict[str, Any] = {
+            "startTime": state.start_time,
             "active": len(state.running),
             "succeeded": len(state.completed),
             "failed": state.failed_pods,
             "completedIndexes": format_indexes(state.completed) or None,
             "failedIndexes": format_indexes(state.failed) or None,
         }
-        if len(state.completed) + len(state.failed) >= state.completions and not state.running:
-            kind, reason = ("Failed", "FailedIndexes") if state.failed else ("Complete", "CompletionsReached")
-            status["conditions"] = [{"type": kind, "status": "True", "reason": reason}]
+        target = state.failure_target
+        if target is None and len(state.completed) + len(state.failed) >= state.completions and not state.pending:
+            target = ("FailedIndexes", "Job has failed indexes") if state.failed else None
+            if target is None:
+                status["conditions"] = [{"type": "SuccessCriteriaMet", "status": "True",
+                                         "reason": "CompletionsReached", "message": "Reached expected number of succeeded pods"}]
+                if not state.running:
+                    status["conditions"].append({"type": "Complete", "status": "True", "reason": "CompletionsReached",
+                                                 "message": "Reached expected number of succeeded pods"})
+                    status["completionTime"] = (state.written or {}).get("completionTime") or now_rfc3339()
+        if target is not None and (state.failure_target is not None or not state.running):
+            reason, message = target
+            status["conditions"] = [{"type": "FailureTarget", "status": "True", "reason": reason, "message": message}]
+            if not state.running:  # 1.31+: Failed only once every pod has terminated
+                status["conditions"].append({"type": "Failed", "status": "True", "reason": reason, "message": message})
         status = {k: v for k, v in status.items() if v is not None}
         if status == state.written:
             return

@@ -13,6 +13,8 @@ from typing import Any
 import jsonpatch
 import jsonschema
 
+from .strategic import strategic_merge
+
 
 class PatchError(ValueError):
     """The patch cannot apply (422 Unprocessable Entity, as the API server answers)."""
@@ -34,37 +36,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def _merge_key(items: list[Any]) -> str | None:
-    for key in ("name", "type", "uid", "containerPort", "mountPath", "ip"):
-        if items and all(isinstance(i, Mapping) and key in i for i in items):
-            return key
-    return None
-
-
-def strategic_merge_patch(target: Any, patch: Any) -> Any:
-    """An approximation of strategic merge patch (what the official client sends for builtins).
-
-    Lists of objects merge by their usual merge key (name, type, ...) instead of the
-    per-field keys of the real OpenAPI extensions; `$patch` directives are not supported.
-    """
-    if not isinstance(patch, Mapping):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        old = result.get(key)
-        if value is None:
-            result.pop(key, None)
-        elif isinstance(value, list) and isinstance(old, list) and (mk := _merge_key(old + value)):
-            merged = {item[mk]: item for item in old}
-            for item in value:
-                merged[item[mk]] = strategic_merge_patch(merged.get(item[mk]), item)
-            result[key] = list(merged.values())
-        else:
-            result[key] = strategic_merge_patch(old, value)
-    return result
-
-
-def apply_patch(content_type: str, target: dict[str, Any], patch: Any) -> dict[str, Any]:
+def apply_patch(content_type: str, target: dict[str, Any], patch: Any,
+                schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Apply a patch of this content type; `schema` is the built-in kind's OpenAPI
+    definition, which carries the patch strategies a strategic merge follows."""
     ctype = content_type.split(";")[0].strip().lower()
     if ctype == "application/json-patch+json":
         if not isinstance(patch, list):
@@ -76,7 +51,7 @@ def apply_patch(content_type: str, target: dict[str, Any], patch: Any) -> dict[s
     if not isinstance(patch, Mapping):
         raise PatchError("a merge patch must be a JSON object")
     if ctype == "application/strategic-merge-patch+json":
-        return strategic_merge_patch(target, patch)
+        return strategic_merge(target, patch, schema)
     if ctype in ("application/merge-patch+json", "application/json"):
         return merge_patch(target, patch)
     raise NotImplementedError(f"unsupported patch type: {ctype}")

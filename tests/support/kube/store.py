@@ -24,6 +24,7 @@ from .selectors import Predicate
 
 Key = tuple[kmock.resource, str | None, str]
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # the API server's generateName alphabet
+FOREGROUND = "foregroundDeletion"  # metav1.FinalizerDeleteDependents
 
 
 def error(code: int, reason: str, message: str, **details: Any) -> kmock.KubernetesError:
@@ -50,6 +51,8 @@ class ResourceSpec:
     printer_columns: list[dict[str, Any]] | None = None
     # Deleting without a propagationPolicy orphans dependents for some legacy kinds (Jobs).
     default_propagation: str = "Background"
+    # Served from a CRD: no strategic merge patch (the API server answers 415).
+    custom: bool = False
 
     @property
     def resource(self) -> kmock.resource:
@@ -256,11 +259,16 @@ class Store:
             else:
                 meta.pop(owned, None)
         if old["metadata"].get("deletionTimestamp"):
-            # An object being deleted may lose finalizers but never gain new ones.
+            # An object being deleted may lose finalizers but never gain new ones
+            # (apimachinery's ValidateObjectMetaUpdate: 422, the write is refused).
             kept = set(old["metadata"].get("finalizers") or [])
-            meta["finalizers"] = [f for f in meta.get("finalizers") or [] if f in kept]
-            if not meta["finalizers"]:
-                del meta["finalizers"]
+            added = [f for f in meta.get("finalizers") or [] if f not in kept]
+            if added:
+                listed = ", ".join(f'"{f}"' for f in added)
+                raise error(422, "Invalid", f'{old.get("kind", "object")} "{old["metadata"]["name"]}" is invalid: '
+                            "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being "
+                            f"deleted, found new finalizers []string{{{listed}}}",
+                            name=old["metadata"]["name"], kind=old.get("kind", ""))
 
     def delete(self, resource: kmock.resource, namespace: str | None, name: str,
                *, propagation: str | None = None, precondition_rv: str | None = None) -> dict[str, Any]:
@@ -270,10 +278,26 @@ class Store:
             raise error(409, "Conflict", "Precondition failed: resourceVersion mismatch")
         key = (resource, obj["metadata"].get("namespace"), name)
         propagation = propagation or spec.default_propagation
+        if propagation not in ("Orphan", "Foreground", "Background"):
+            raise error(422, "Invalid", f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: Unsupported '
+                        f'value: "{propagation}": supported values: "Foreground", "Background", "Orphan"')
         if propagation == "Orphan":
             self._orphan(obj["metadata"]["uid"])
-        elif propagation == "Foreground":
+        elif propagation == "Foreground" and not obj["metadata"].get("deletionTimestamp"):
+            # The API server marks the owner with the foregroundDeletion finalizer; the
+            # garbage collector deletes the dependents and removes the finalizer once no
+            # dependent with blockOwnerDeletion is left (see _release_owners).
+            old = copy.deepcopy(obj)
+            finalizers = list(obj["metadata"].get("finalizers") or [])
+            obj["metadata"]["finalizers"] = finalizers + [FOREGROUND] if FOREGROUND not in finalizers else finalizers
+            obj["metadata"].update(deletionTimestamp=now_rfc3339(), deletionGracePeriodSeconds=0)
+            self._bump(obj)
+            self.objects[key].history.append(obj)
+            self._record(resource, "MODIFIED", obj, old)
             self._cascade(obj["metadata"]["uid"], "Foreground")
+            self._release_owner(obj["metadata"]["uid"])
+            live = self._live(key)
+            return copy.deepcopy(live if live is not None else obj)
         if obj["metadata"].get("finalizers"):
             if obj["metadata"].get("deletionTimestamp"):
                 return obj
@@ -293,7 +317,32 @@ class Store:
         self._record(spec.resource, "DELETED", obj)
         # Garbage collection, as kube-controller-manager does it (but at once).
         self._cascade(obj["metadata"]["uid"], "Background")
+        for ref in obj["metadata"].get("ownerReferences") or []:
+            if ref.get("blockOwnerDeletion"):
+                self._release_owner(ref.get("uid"))
         return obj
+
+    def _release_owner(self, owner_uid: str | None) -> None:
+        """An owner in foreground deletion goes once no blocking dependent remains."""
+        owner = next(((k, o) for k, o in self.iter_live() if o["metadata"].get("uid") == owner_uid), None)
+        if owner is None:
+            return
+        (resource, namespace, name), obj = owner
+        if FOREGROUND not in (obj["metadata"].get("finalizers") or []) or not obj["metadata"].get("deletionTimestamp"):
+            return
+        blocking = [key for key in self._dependents(owner_uid)
+                    if any(r.get("uid") == owner_uid and r.get("blockOwnerDeletion")
+                           for r in self._live(key)["metadata"].get("ownerReferences") or [])]
+        if blocking:
+            return
+
+        def drop(current: dict[str, Any]) -> dict[str, Any]:
+            current["metadata"]["finalizers"] = [f for f in current["metadata"]["finalizers"] if f != FOREGROUND]
+            if not current["metadata"]["finalizers"]:
+                del current["metadata"]["finalizers"]
+            return current
+
+        self.update(resource, namespace, name, drop)
 
     def _dependents(self, owner_uid: str) -> list[Key]:
         return [
