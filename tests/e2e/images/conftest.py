@@ -147,8 +147,9 @@ def release_factory(engine: Engine, images: dict[str, str], kube_cluster: KubeCl
               secure=False).make_bucket(bucket)
         objects, notes = render(chart_values(images, s3_info, bucket, **extra), kube_cluster.namespace)
         kube_cluster.load_crds(CHART / "crds" / "kopfpeerings.kopf.dev.yaml")
+        kube_cluster.install_chart_identities(values=chart_values(images, s3_info, bucket, **extra))
         for obj in objects:
-            if obj["kind"] in {"Secret", "ConfigMap", "KopfPeering", "ServiceAccount"}:
+            if obj["kind"] in {"Secret", "ConfigMap", "KopfPeering"}:
                 kube_cluster.create(obj)
         keys = re.findall(r"VBATCH_API_KEY=(vb-[A-Za-z0-9]+)", notes)
         assert keys, notes
@@ -159,7 +160,10 @@ def release_factory(engine: Engine, images: dict[str, str], kube_cluster: KubeCl
             except Exception:
                 return None
 
-        kubelet = Kubelet(engine, tmp_path / "kubelet", get_object, api_url=kube_cluster.url,
+        def write_kubeconfig(path: Path, account: str) -> Path:
+            return kube_cluster.write_kubeconfig(path, {account: kube_cluster.service_account_token(account)})
+
+        kubelet = Kubelet(engine, tmp_path / "kubelet", get_object, write_kubeconfig=write_kubeconfig,
                           namespace=kube_cluster.namespace)
         release = Release(objects, keys[0], kubelet, tmp_path / "logs", kube_cluster, bucket)
         release.logs.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,9 @@ from the emulated cluster, the security context is applied (runAsUser/runAsGroup
 runAsNonRoot checked against the image's USER, readOnlyRootFilesystem without the
 engine's own tmpfs mounts, dropped capabilities, no-new-privileges), and emptyDir, Secret
 and ConfigMap volumes become host directories mounted where the spec says (Memory
-emptyDirs as tmpfs). A pod with a service-account token gets a kubeconfig for the
-emulator (plain HTTP, which the in-cluster config cannot speak) instead of the token
-files; pods with `automountServiceAccountToken: false` get nothing.
+emptyDirs as tmpfs). A pod with a service-account token gets a kubeconfig with its account's
+token and the emulator's CA (the emulator is not at kubernetes.default.svc, which the
+in-cluster config assumes) instead of the token files; pods with `automountServiceAccountToken: false` get nothing.
 
 Networking is the host's (`--network host`): containers reach the loopback test servers
 and listen on the ports their spec names.
@@ -97,9 +97,9 @@ class Kubelet:
     workdir: Path
     # name, namespace -> object (Secret/ConfigMap) or None; reads the emulated cluster.
     get_object: Callable[[str, str, str], dict[str, Any] | None]
-    api_url: str = ""
-    # service account name -> bearer token for the kubeconfig a pod gets.
-    token_for: Callable[[str], str] = lambda account: "emulator-token"
+    # (path, service account) -> writes the kubeconfig a pod with that account's token gets
+    # (the emulator's URL, its CA, the account's token: KubeCluster.write_kubeconfig).
+    write_kubeconfig: Callable[[Path, str], Path] | None = None
     namespace: str = "default"
     started: list[str] = field(default_factory=list)
 
@@ -209,16 +209,11 @@ class Kubelet:
         return args
 
     def _kubeconfig(self, pod_dir: Path, account: str) -> Path:
+        if self.write_kubeconfig is None:
+            raise PodSpecError("this test kubelet has no API server to give pods a token for")
         path = pod_dir / "serviceaccount"
         path.mkdir(parents=True)
-        (path / "kubeconfig").write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.api_url}}],
-            "users": [{"name": account, "user": {"token": self.token_for(account)}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": account,
-                                                         "namespace": self.namespace}}],
-            "current-context": "emulator",
-        }))
+        self.write_kubeconfig(path / "kubeconfig", account)
         (path / "kubeconfig").chmod(0o644)
         return path
 
