@@ -94,7 +94,7 @@ def test_a_batch_through_gateway_operator_and_worker_containers(release_factory,
         logs = {p: (release.logs / "pods" / f"{p}.log").read_text(errors="replace")[-2000:] for p in pods}
         assert runner.pod_errors == {}, runner.pod_errors
         assert batch.status == "completed", (batch, release.log(operator)[-4000:], logs)
-    assert len(pods) == 3, pods  # 12 requests, 5 per shard: one pod per shard
+    assert pods, "the operator created no worker pods"  # shard pods, or a warm pool's pods
     counts = batch.request_counts
     assert (counts.total, counts.completed, counts.failed) == (12, 12, 0)
     lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
