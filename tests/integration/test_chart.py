@@ -207,8 +207,8 @@ def test_names_stay_within_kubernetes_limits_for_the_longest_release_name(chart)
         pytest.param({"worker": {"gpuResourceName": "gpu"}}, id="gpu-resource-without-domain"),
         pytest.param({"storage": {"endpoint": "https://s3.example.com"}}, id="endpoint-with-scheme"),
         pytest.param({"storage": {"secure": "yes"}}, id="secure-not-boolean"),
-        pytest.param({"models": [{"id": "m", "path": "s3://b/m", "gpusPerReplica": 0, "maxReplicas": 1}]},
-                     id="zero-gpus"),
+        pytest.param({"models": [{"id": "m", "path": "s3://b/m", "gpusPerReplica": -1, "maxReplicas": 1}]},
+                     id="negative-gpus"),
         pytest.param({"models": [{"id": "m", "path": "relative/dir", "gpusPerReplica": 1, "maxReplicas": 1}]},
                      id="model-path-neither-s3-nor-absolute"),
         pytest.param({"models": [{"id": "m", "path": "/m", "gpusPerReplica": 1}]}, id="model-missing-field"),
@@ -677,22 +677,36 @@ def _exec_form(argument):
 IMAGES = {
     "gateway": (ROOT / "images" / "gateway.Dockerfile", ["vbatch"]),
     "worker": (ROOT / "images" / "worker.Dockerfile", ["vbatch", "worker"]),
+    "worker-cpu": (ROOT / "images" / "worker-cpu.Dockerfile", ["vbatch", "worker"]),
 }
+
+
+def _arg_defaults(instructions):
+    """`ARG NAME=default` values, which FROM lines may name as ${NAME}."""
+    defaults = {}
+    for instruction, argument in instructions:
+        if instruction == "ARG":
+            for word in argument.split():
+                name, eq, value = word.partition("=")
+                if eq:
+                    defaults[name] = value
+    return defaults
 
 
 @pytest.mark.parametrize("image", IMAGES)
 def test_dockerfile_is_pinned_non_root_and_runs_vbatch(image):
     path, entrypoint = IMAGES[image]
     instructions = _dockerfile(path)
+    defaults = _arg_defaults(instructions)
     stages = set()
     for instruction, argument in instructions:
         if instruction == "FROM":
             words = argument.split()
-            ref = words[0]
-            if ref in stages:  # a multi-stage reference, not a registry image
-                continue
+            ref = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], words[0])
             if len(words) >= 3 and words[1].lower() == "as":
                 stages.add(words[2])
+            if ref in stages or ref == "scratch":  # a multi-stage reference or an empty stage
+                continue
             name, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "")
             assert tag or "@sha256:" in ref, f"{path.name}: {ref} is not pinned"
             assert tag != "latest", f"{path.name}: {ref} uses latest"
@@ -718,6 +732,22 @@ def test_dockerfile_copies_every_folder_of_the_package(image):
     import tomllib
 
     folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    instructions = _dockerfile(IMAGES[image][0])
     copied = {_exec_form(arg)[0] if arg.startswith("[") else arg.split()[0]
-              for ins, arg in _dockerfile(IMAGES[image][0]) if ins == "COPY" and not arg.startswith("--from")}
+              for ins, arg in instructions if ins == "COPY" and not arg.startswith("--from")}
+    # A bind mount of the whole build context (no source=) brings every folder, minus .dockerignore.
+    if any(ins == "RUN" and re.search(r"--mount=type=bind,target=\S+", arg) for ins, arg in instructions):
+        copied |= folders
     assert folders <= copied, f"{image} image misses {sorted(folders - copied)}"
+
+
+def test_images_take_ca_bundles_as_build_secrets_never_as_files():
+    """A CA bundle (SSL_CERT_FILE/PIP_CERT at build time) reaches pip as a build secret,
+    mounted for one RUN step; no COPY/ADD of certificates, no cert baked into ENV."""
+    for image in ("gateway", "worker-cpu"):
+        instructions = _dockerfile(IMAGES[image][0])
+        pip_steps = [arg for ins, arg in instructions if ins == "RUN" and "pip install" in arg]
+        assert pip_steps and all("--mount=type=secret,id=ca-bundle" in arg for arg in pip_steps), image
+        for ins, arg in instructions:
+            if ins in {"COPY", "ADD", "ENV"}:
+                assert not re.search(r"cert|\.crt|\.pem|ca-bundle", arg, re.I), (image, ins, arg)

@@ -25,6 +25,9 @@ The Job controller's failure handling follows pkg/controller/job (Kubernetes 1.3
 - terminal conditions arrive as in 1.31+: `SuccessCriteriaMet`/`FailureTarget` first,
   `Complete`/`Failed` once no pod of the Job runs any more.
 
+With a `kubelet` (tests/support/kube/kubelet.py), pods run as containers from the image
+their spec names instead of local processes: the image tests.
+
 Fault injection: `fail(job, index, attempt) -> bool` decides that an attempt fails
 (exit code 1) without running the worker; see `fail_once` / `fail_always`.
 """
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .fixtures import KubeCluster
+from .kubelet import Kubelet, PodSpecError
 from .store import now_rfc3339
 
 KUBELET_FINALIZER = "vbatch.test/kubelet"
@@ -125,13 +129,16 @@ def index_backoff(base: float, failures: int) -> float:
 
 class JobRunner:
     def __init__(self, cluster: KubeCluster, logs: Path, *, fail: FailHook | None = None,
-                 capacity: int = 8, poll: float = 0.1, backoff_base: float = 10.0) -> None:
+                 capacity: int = 8, poll: float = 0.1, backoff_base: float = 10.0,
+                 kubelet: Kubelet | None = None) -> None:
         self.cluster = cluster
         self.backoff_base = backoff_base
         self.logs = logs
         self.fail = fail or (lambda job, index, attempt: False)
         self.capacity = capacity
         self.poll = poll
+        self.kubelet = kubelet
+        self.pod_errors: dict[str, str] = {}  # pod -> why its container could not be created
         self.jobs: dict[str, JobState] = {}  # by Job uid
         self.procs: dict[str, subprocess.Popen[bytes]] = {}  # by pod name
         self.terminated: set[str] = set()
@@ -157,6 +164,9 @@ class JobRunner:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.kubelet is not None:  # the engine's client may go before its container
+            for name in self.procs:
+                self.kubelet.remove(name)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -295,12 +305,24 @@ class JobRunner:
                 command = list(container["command"]) + list(container.get("args") or [])
                 if command[0] == "vbatch":
                     command = [sys.executable, "-m", "vbatch.cli", *command[1:]]
-            log = open(self.logs / f"{pod_name}.log", "wb")
-            self.procs[pod_name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            log.close()
+            if self.kubelet is not None and not self.fail(state.name, index, attempt):
+                self.procs[pod_name] = self._container(pod_name, template["spec"], index)
+            else:
+                log = open(self.logs / f"{pod_name}.log", "wb")
+                self.procs[pod_name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+                log.close()
             state.running[index] = pod_name
             self.launched.append((state.name, index))
             self.launched_at.append(time.monotonic())
+
+    def _container(self, pod_name: str, pod_spec: dict[str, Any], index: int) -> subprocess.Popen[bytes]:
+        assert self.kubelet is not None
+        try:
+            return self.kubelet.start(pod_name, pod_spec, log=self.logs / f"{pod_name}.log",
+                                      extra_env={"JOB_COMPLETION_INDEX": str(index)})
+        except PodSpecError as exc:  # the pod fails, and the test can say why
+            self.pod_errors[pod_name] = str(exc)
+            return subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
 
     def _write_status(self, state: JobState) -> None:
         status: dict[str, Any] = {
