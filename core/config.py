@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # another model's work may wait before a slot drains its model to switch.
     worker_max_shards: int = 32
     model_switch_after_seconds: float = 60.0
+    # Single node: threads that carry out batch steps (validate, launch, merge) at once,
+    # each batch on one thread at a time; a slow merge no longer holds up the others.
+    driver_threads: int = Field(default=4, ge=1, le=64)
     # Cluster mode: "pools" = warm per-model pools of worker pods shared by every batch;
     # "jobs" = one Indexed Job per batch (a pod per shard, the model loaded per batch).
     cluster_runtime: Literal["pools", "jobs"] = "pools"

@@ -44,7 +44,7 @@ class LocalRuntime:
         max_attempts: int,
         retry_backoff: float,
         workers: Callable[..., LocalWorkers],
-        wake: Callable[[], None] = lambda: None,
+        wake: Callable[[str, str], None] = lambda project, batch_id: None,
     ) -> None:
         self.store = store
         self.max_attempts = max_attempts
@@ -131,4 +131,4 @@ class LocalRuntime:
                 if attempts >= self.max_attempts:
                     log.error("batch %s shard %d failed %d times; giving up", task.batch_id, task.shard, attempts)
                     book.failed.add(task.shard)
-        self.wake()
+        self.wake(task.project, task.batch_id)  # drive this batch now: a shard ended

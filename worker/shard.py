@@ -117,6 +117,7 @@ class _ShardRun:
         self.buffer: list[ResultLine] = []
         self.buffer_since = 0.0  # loop time of the oldest buffered result
         self.closing = False
+        self.written_final = False  # the progress record on storage is the run's last state
         self.wake = asyncio.Event()
         self.started = time.monotonic()  # this attempt's worker time starts now
         self.earlier_seconds = 0.0
@@ -320,6 +321,10 @@ class _ShardRun:
         for line in lines:
             if line.custom_id not in self.done:
                 self._account(line)
+        if self.closing and not self.buffer:
+            # The last part: its progress record can already say whether the shard is
+            # done, which saves the run a second durable write of the same record.
+            self.progress.finished = self._finished()
         await self._write_progress()
 
     def _load_figures(self) -> None:
@@ -337,7 +342,9 @@ class _ShardRun:
         self.progress.updated_at = time.time()
         self.progress.gpu_seconds = self.earlier_seconds + (time.monotonic() - self.started)
         key = layout.progress_key(self.project, self.batch_id, self.shard)
+        final = self.closing and not self.buffer  # nothing can change the record after this one
         await _storage(self.store.put_bytes, key, self.progress.model_dump_json().encode())
+        self.written_final = final
 
     # --- the whole run ---------------------------------------------------------------
 
@@ -364,9 +371,14 @@ class _ShardRun:
             self.closing = True
             self.wake.set()
             await flusher  # flushes what is done; re-raises a storage failure
-        self.progress.finished = self.read_all and self.seen <= self.done
-        await self._write_progress()
+        finished = self._finished()
+        if not (self.written_final and self.progress.finished == finished):
+            self.progress.finished = finished
+            await self._write_progress()
         return self.progress
+
+    def _finished(self) -> bool:
+        return self.read_all and self.seen <= self.done
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         """Wait for in-flight requests; once stop is set, only for the grace period;

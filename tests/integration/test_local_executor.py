@@ -208,3 +208,24 @@ def test_a_clean_up_cut_short_by_a_crash_is_finished_after_restart(tmp_path):
     assert node.batches.get(P, record.id).status == BatchStatus.COMPLETED
     for ex in node.running:
         ex.stop()
+
+
+def test_events_alone_carry_many_batches_from_create_to_completed(tmp_path):
+    """No sweep (poll once an hour): a batch is driven when it is created and when its
+    shards end, so many small batches created at once all complete, each exactly once."""
+    node = Node(tmp_path, driver_threads=3)
+    try:
+        ex = node.executor(poll_seconds=3600)
+        time.sleep(0.2)  # the start-up sweep has run: from now on only events drive batches
+        records = [node.submit(n) for n in (1, 4, 4, 7, 12, 3, 4, 25)]
+        for record in records:
+            ex.submitted(record)
+        for record in records:
+            done = node.wait(record.id, {BatchStatus.COMPLETED}, timeout=120)
+            n = record.request_counts.total
+            assert (done.request_counts.completed, done.request_counts.failed) == (n, 0)
+            assert sorted(node.results(done)) == sorted(f"r{i}" for i in range(n))
+        assert ex.runtime.workers.engine_loads == {"m": 1}
+    finally:
+        for ex in node.running:
+            ex.stop()

@@ -38,9 +38,9 @@ class Node:
         self.batches = SqliteBatchStore(tmp_path / "batches.sqlite3")
         self.running: list[LocalExecutor] = []
 
-    def executor(self) -> LocalExecutor:
+    def executor(self, poll_seconds: float = 0.1) -> LocalExecutor:
         ex = LocalExecutor(settings=self.settings, store=self.store, files=self.files, batches=self.batches,
-                           served_models=None, engine="echo", poll_seconds=0.1, retry_backoff=0.2)
+                           served_models=None, engine="echo", poll_seconds=poll_seconds, retry_backoff=0.2)
         ex.start()
         self.running.append(ex)
         return ex
