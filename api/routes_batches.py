@@ -6,6 +6,7 @@ store commits durably, both blocking, so FastAPI runs them in its thread pool.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated
 
@@ -14,7 +15,7 @@ from vbatch.api import metrics
 from vbatch.api.auth import ProjectDep, ServicesDep
 from vbatch.api.errors import ERROR_RESPONSES
 from vbatch.api.services import Services
-from vbatch.core import state
+from vbatch.core import lifecycle, state
 from vbatch.core.errors import InvalidRequest, NotFound, VBatchError, clip
 from vbatch.core.expiry import parse_expires_after
 from vbatch.core.schemas import (
@@ -27,6 +28,8 @@ from vbatch.core.schemas import (
     metadata_problem,
 )
 from vbatch.core.validation import raise_for_report, validate_jsonl
+
+log = logging.getLogger("vbatch.api")
 
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
@@ -86,10 +89,24 @@ def _create(body: CreateBatchRequest, project: str, services: Services) -> Batch
     )
     record.output_expires_after_seconds = parse_expires_after(
         body.output_expires_after, param="output_expires_after", min_seconds=services.settings.file_expiry_min_seconds)
-    services.batches.create(record)  # durable once this returns: only then answer
+    # The batch's own copy of its requests, before the batch exists: deleting the input
+    # file afterwards neither stops it nor loses a line from its result files.
+    lifecycle.keep_input(services.files, record)  # 404 if the file was deleted meanwhile
+    try:
+        services.batches.create(record)  # durable once this returns: only then answer
+    except BaseException:
+        _forget_copy(services, record)
+        raise
     metrics.BATCHES_CREATED.inc()
     services.runner.submitted(record)
     return record.to_wire()
+
+
+def _forget_copy(services: Services, record: BatchRecord) -> None:
+    try:
+        lifecycle.remove_working_data(services.files.store, record)
+    except Exception as exc:  # best effort: the create's own error is what the client needs
+        log.warning("batch %s was not created; its input copy could not be removed: %s", record.id, exc)
 
 
 @router.post("", response_model=Batch, summary="Create a batch (validates the whole input file first)")

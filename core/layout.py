@@ -1,5 +1,6 @@
 """Object keys of a batch's working data, and the per-shard progress record.
 
+    projects/<p>/batches/<b>/input.jsonl                     the batch's copy of its input file
     projects/<p>/batches/<b>/shards/<n>.jsonl                input lines of shard n
     projects/<p>/batches/<b>/results/<n>/part-<k>.jsonl      result lines (output and error)
     projects/<p>/batches/<b>/progress/<n>.json               ShardProgress of shard n
@@ -23,6 +24,10 @@ def batch_prefix(project: str, batch_id: str) -> str:
     if not batch_id or "/" in batch_id:
         raise ValueError(f"invalid batch id {batch_id[:80]!r}")
     return f"projects/{check_project_id(project)}/batches/{batch_id}/"
+
+
+def input_key(project: str, batch_id: str) -> str:
+    return f"{batch_prefix(project, batch_id)}input.jsonl"
 
 
 def shard_key(project: str, batch_id: str, shard: int) -> str:

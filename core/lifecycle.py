@@ -19,7 +19,7 @@ from vbatch.core import state
 from vbatch.core.config import Limits, Settings
 from vbatch.core.errors import NotFound
 from vbatch.core.files import FileService
-from vbatch.core.layout import ShardProgress, batch_prefix, progress_key
+from vbatch.core.layout import ShardProgress, batch_prefix, input_key, progress_key
 from vbatch.core.merge import merge_shards
 from vbatch.core.schemas import (
     BatchErrorItem,
@@ -62,21 +62,44 @@ def validate(
         failed = state.transition(record, BatchStatus.FAILED, now)
         failed.errors = BatchErrors(data=report.problems)
         return failed
+    try:
+        keep_input(files, record)
+    except NotFound as exc:  # deleted while it was being validated
+        failed = state.transition(record, BatchStatus.FAILED, now)
+        failed.errors = BatchErrors(data=[BatchErrorItem(code="file_not_found", message=str(exc), param="input_file_id")])
+        return failed
     return state.validated(record, total=report.total, model=report.model, now=now)
 
 
-def input_lines(files: FileService, record: BatchRecord) -> Iterator[bytes]:
+def keep_input(files: FileService, record: BatchRecord) -> None:
+    """Copy a validated batch's input file under the batch's working prefix (streamed,
+    written whole; rewriting it is harmless). From then on the batch owns its requests:
+    deleting the input file does not stop it from running, nor from listing every request
+    in its error file if it is cancelled or expires first. The copy goes with the rest of
+    the working data when the batch has ended. NotFound if the input file is gone."""
     _, chunks = files.open(record.project, record.input_file_id)
+    files.store.put_stream(input_key(record.project, record.id), chunks)
+
+
+def input_lines(store: ObjectStore, files: FileService, record: BatchRecord) -> Iterator[bytes]:
+    """The batch's request lines: from its kept copy, else (a batch created before copies
+    were kept, or one whose creation crashed before the copy) from the input file.
+    NotFound if neither exists."""
+    try:
+        chunks = store.get_stream(input_key(record.project, record.id))
+    except ObjectNotFound:
+        _, chunks = files.open(record.project, record.input_file_id)
     return normalized_lines(chunks)
 
 
 def launch(store: ObjectStore, files: FileService, record: BatchRecord, settings: Settings, *, max_shards: int | None = None, requested: int | None = None) -> BatchRecord:
-    """Plan and write the shard objects; the driver then starts one worker per shard.
-
-    An input file deleted between create and launch fails the batch (in_progress ->
-    finalizing -> failed, errors saying why): retrying could never succeed."""
+    """Plan and write the shard objects from the batch's copy of its input; the driver
+    then starts one worker per shard. A batch runs even if its input file was deleted
+    after it was created (as OpenAI's do). Only a batch with neither the copy nor the
+    file (one created before copies were kept) fails (in_progress -> finalizing ->
+    failed, errors saying why): retrying could never succeed."""
     try:
-        files.get(record.project, record.input_file_id)
+        lines = input_lines(store, files, record)
     except NotFound:
         now = int(time.time())
         failed = state.transition(state.transition(record, BatchStatus.FINALIZING, now), BatchStatus.FAILED, now)
@@ -90,7 +113,7 @@ def launch(store: ObjectStore, files: FileService, record: BatchRecord, settings
         max_shards=max_shards or settings.max_shards,
         requested=requested,
     )
-    write_shards(store, record.project, record.id, input_lines(files, record), count)
+    write_shards(store, record.project, record.id, lines, count)
     launched = record.model_copy(deep=True)
     launched.shard_count = count
     return launched
@@ -160,13 +183,14 @@ def finish(
         record = state.transition(record, BatchStatus.FINALIZING, now)
     items = list(errors or [])
     if record.shard_count is None and record.status != BatchStatus.VALIDATING and record.request_counts.total:
-        # Ended before launch: one shard from the input, so every line still gets its error line.
+        # Ended before launch: one shard from the batch's copy of its input, so every
+        # line gets its error line, even when the input file was deleted meanwhile.
         try:
-            write_shards(store, record.project, record.id, input_lines(files, record), 1)
+            write_shards(store, record.project, record.id, input_lines(store, files, record), 1)
             record = record.model_copy(update={"shard_count": 1})
         except NotFound:
-            # The input is gone and nothing was launched: no line can be named. The counts
-            # say how many requests did not run; the errors entry says why.
+            # Neither the copy nor the input (a batch from before copies were kept): no line
+            # can be named. The counts say how many requests did not run; errors say why.
             return _end_without_lines(record, to, items, now)
     record = with_worker_figures(record, read_progress(store, record))
     merged = merge_shards(

@@ -133,14 +133,15 @@ def test_one_loaded_worker_serves_every_shard_of_a_model(node):
     assert len(pids) == 1
 
 
-def test_an_input_file_deleted_before_launch_fails_the_batch_cleanly(tmp_path):
+def test_an_input_file_deleted_before_launch_does_not_stop_the_batch(tmp_path):
+    """As at OpenAI: a created batch owns its requests (the gateway keeps a copy)."""
     node = Node(tmp_path)
     record = node.submit(5)  # no executor yet: the batch waits in_progress
     node.files.delete(P, record.input_file_id)
     node.executor()
     done = node.wait(record.id, {BatchStatus.FAILED, BatchStatus.COMPLETED})
-    assert done.status == BatchStatus.FAILED
-    assert done.errors.data[0].code == "input_file_not_found"
+    assert done.status == BatchStatus.COMPLETED and done.errors is None
+    assert sorted(node.results(done)) == sorted(f"r{i}" for i in range(5))
     for ex in node.running:
         ex.stop()
 
@@ -174,7 +175,10 @@ def test_cancelled_before_launch_with_its_input_deleted_ends_cancelled(tmp_path)
     done = node.wait(record.id, {BatchStatus.CANCELLED, BatchStatus.FAILED})
     assert done.status == BatchStatus.CANCELLED
     assert done.request_counts.model_dump() == {"total": 5, "completed": 0, "failed": 5}
-    assert done.errors.data[-1].code == "input_file_not_found"
+    results = node.results(done)  # every request named, from the batch's copy of its input
+    assert sorted(results) == sorted(f"r{i}" for i in range(5))
+    assert {r["error"]["code"] for r in results.values()} == {"batch_cancelled"}
+    assert done.errors is None and done.output_file_id is None
     for ex in node.running:
         ex.stop()
 

@@ -13,6 +13,7 @@ from api_server import chat_line, jsonl
 from kube.harness import BATCH_API, ClusterEnv, wait_for
 from kube.job_runner import fail_always, fail_once
 from vbatch.core.ids import batch_object_name, new_batch_id
+from vbatch.core.layout import input_key
 from vbatch.core.lifecycle import result_file_id
 from vbatch.core.schemas import FilePurpose
 from vbatch.operator.observe import failed_indexes, observe, parse_indexes
@@ -119,22 +120,18 @@ def test_applied_batch_with_unknown_file_fails(cluster_env: ClusterEnv):
     assert obj["status"]["errors"][0]["code"] == "file_not_found"
 
 
-def test_input_deleted_before_launch_fails_the_batch(cluster_env: ClusterEnv):
-    from vbatch.operator.cr_store import KubeBatchStore
-    from vbatch.core import state
-
+def test_input_deleted_before_launch_still_runs(cluster_env: ClusterEnv):
+    """As at OpenAI: a created batch owns its requests (the gateway keeps a copy)."""
     env = cluster_env
     file_id = upload(env, requests(3))
-    record = state.new_batch(project=PROJECT, input_file_id=file_id, endpoint="/v1/chat/completions",
-                             completion_window="24h", metadata=None, total=3, model="test-model",
-                             window_seconds=3600, now=int(time.time()))
-    KubeBatchStore.from_settings(env.settings).create(record)  # as the gateway does
+    record = _gateway_batch(env, file_id, 3)
     env.files.delete(PROJECT, file_id)
-    with env.operator():
+    with env.operator(), env.job_runner():
         obj = env.wait_settled(record.id)
-    assert obj["status"]["phase"] == "failed"
-    assert obj["status"]["errors"][0]["code"] == "input_file_not_found"
-    assert env.cluster.list("batch/v1", "Job") == []
+    status = obj["status"]
+    assert status["phase"] == "completed", status
+    assert sorted(line["custom_id"] for line in result_lines(env, status["outputFileId"])) == ["r-0", "r-1", "r-2"]
+    assert env.cluster.list("batch/v1", "Job") == [] and env.working_objects(PROJECT, record.id) == []
 
 
 def test_a_shard_failing_once_is_retried(cluster_env: ClusterEnv):
@@ -268,12 +265,13 @@ def test_vbatch_operator_command(cluster_env: ClusterEnv):
 
 def _gateway_batch(env: ClusterEnv, file_id: str, n: int):
     from vbatch.operator.cr_store import KubeBatchStore
-    from vbatch.core import state
+    from vbatch.core import lifecycle, state
 
     record = state.new_batch(project=PROJECT, input_file_id=file_id, endpoint="/v1/chat/completions",
                              completion_window="24h", metadata=None, total=n, model="test-model",
                              window_seconds=3600, now=int(time.time()))
-    KubeBatchStore.from_settings(env.settings).create(record)  # as the gateway does
+    lifecycle.keep_input(env.files, record)  # as the gateway does: the batch's copy, then the Batch
+    KubeBatchStore.from_settings(env.settings).create(record)
     return record
 
 
@@ -288,7 +286,11 @@ def test_cancelled_before_launch_with_its_input_deleted_ends_cancelled(cluster_e
     status = obj["status"]
     assert status["phase"] == "cancelled"
     assert status["requestCounts"] == {"total": 4, "completed": 0, "failed": 4}
-    assert status["errors"][-1]["code"] == "input_file_not_found"
+    lines = result_lines(env, status["errorFileId"])  # every request named, from the batch's copy
+    assert sorted(line["custom_id"] for line in lines) == [f"r-{i}" for i in range(4)]
+    assert {line["error"]["code"] for line in lines} == {"batch_cancelled"}
+    assert "errors" not in status and "outputFileId" not in status
+    assert env.cluster.list("batch/v1", "Job") == [] and env.working_objects(PROJECT, record.id) == []
 
 
 def test_a_step_that_keeps_failing_ends_the_batch_and_says_why(cluster_env: ClusterEnv):
@@ -298,8 +300,8 @@ def test_a_step_that_keeps_failing_ends_the_batch_and_says_why(cluster_env: Clus
     env.configure(VBATCH_STEP_RETRY_BASE_SECONDS=0.1, VBATCH_STEP_PERMANENT_ATTEMPTS=3)
     file_id = upload(env, requests(3))
     record = _gateway_batch(env, file_id, 3)
-    # The input's bytes turn unreadable after validation: planning shards cannot parse them.
-    LocalObjectStore(env.settings.storage_dir).put_bytes(f"projects/{PROJECT}/files/{file_id}", b"{not json\n")
+    # The batch's copy of its input turns unreadable after validation: planning shards cannot parse it.
+    LocalObjectStore(env.settings.storage_dir).put_bytes(input_key(PROJECT, record.id), b"{not json\n")
     with env.operator():
         obj = env.wait_settled(record.id)
     status = obj["status"]

@@ -14,12 +14,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
-from vbatch.core import state
+from vbatch.core import lifecycle, state
 from vbatch.core.config import Settings
 from vbatch.core.driver import Driver
 from vbatch.core.events import BatchEvents
 from vbatch.core.files import FileService
-from vbatch.core.layout import ShardProgress, part_key, progress_key, shard_key
+from vbatch.core.layout import ShardProgress, input_key, part_key, progress_key, shard_key
 from vbatch.core.runtime import ShardsSeen
 from vbatch.core.schemas import BatchRecord, BatchStatus, FilePurpose
 from vbatch.core.sqlite_store import SqliteBatchStore
@@ -213,7 +213,14 @@ class World:
         common = dict(project=P, input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
                       metadata=None, window_seconds=window, now=now)
         record = state.new_batch(total=n, model="m", **common) if validated else state.new_unvalidated_batch(**common)
+        if validated:
+            lifecycle.keep_input(self.user_files, record)  # as the gateway does, before creating
         self.batches.create(record)
+        return record
+
+    def old_batch(self, record: BatchRecord) -> BatchRecord:
+        """As if created before batches kept a copy of their input."""
+        self.raw.delete(input_key(P, record.id))
         return record
 
     def get(self, record: BatchRecord) -> BatchRecord:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import orjson
-from vbatch.core import state
+from vbatch.core import lifecycle, state
 from vbatch.core.config import Settings
 from vbatch.core.files import FileService
 from vbatch.core.schemas import FilePurpose
@@ -49,6 +49,7 @@ class Node:
         f = self.files.create(P, iter([lines(n, words)]), filename="in.jsonl", purpose=FilePurpose.BATCH)
         record = state.new_batch(project=P, input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
                                  metadata=None, total=n, model="m", window_seconds=window, now=int(time.time()))
+        lifecycle.keep_input(self.files, record)  # as the gateway does, before creating
         self.batches.create(record)
         return record
 

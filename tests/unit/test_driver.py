@@ -4,7 +4,7 @@ expired or lose its input in ends once, with every line in exactly one result fi
 from __future__ import annotations
 
 import pytest
-from driver_world import P, World
+from driver_world import Crash, P, World
 from vbatch.core import state
 from vbatch.core.errors import Conflict
 from vbatch.core.layout import part_key
@@ -127,8 +127,21 @@ def test_input_deleted_while_validating_fails_naming_the_file(world):
     assert done.status == S.FAILED and done.errors.data[0].code == "file_not_found"
 
 
-def test_input_deleted_before_launch_fails_the_batch(world):
-    record = world.submit(3)
+def test_input_deleted_before_launch_still_runs_from_the_batchs_copy(world):
+    """As at OpenAI: a created batch owns its requests; deleting the input file is harmless."""
+    record = world.submit(6)
+    world.user_files.delete(P, record.input_file_id)
+    launched = world.drive(record)
+    assert launched.status == S.IN_PROGRESS and launched.shard_count == 2
+    world.runtime.answer(launched)
+    done = world.settle(record)
+    assert done.status == S.COMPLETED and done.errors is None
+    assert world.codes(done) == dict.fromkeys(ids(6))
+    assert world.working_data(done) == []  # the copy goes with the rest of the working data
+
+
+def test_a_batch_without_a_copy_whose_input_was_deleted_before_launch_fails(world):
+    record = world.old_batch(world.submit(3))
     world.user_files.delete(P, record.input_file_id)
     done = world.settle(record)
     assert done.status == S.FAILED and done.errors.data[0].code == "input_file_not_found"
@@ -143,11 +156,54 @@ def test_input_deleted_after_launch_does_not_matter(world):
     assert done.status == S.COMPLETED and set(world.codes(done)) == ids(6)
 
 
+def validated_by_the_driver(world: World, n: int, **kw):
+    """A Batch applied with kubectl, validated by the driver, which then died before launch."""
+    record = world.submit(n, validated=False, **kw)
+    world.writes.crash_at = world.writes.count + 2  # the copy, the in_progress save, then the first shard
+    with pytest.raises(Crash):
+        world.drive(record)
+    world.writes.crash_at = None
+    world.new_driver()
+    assert world.get(record).status == S.IN_PROGRESS and world.get(record).shard_count is None
+    return record
+
+
+def test_input_deleted_after_the_driver_validated_it_still_runs(world):
+    record = validated_by_the_driver(world, 5)
+    world.user_files.delete(P, record.input_file_id)
+    world.runtime.auto_answer = True
+    done = world.settle(record)
+    assert done.status == S.COMPLETED and world.codes(done) == dict.fromkeys(ids(5))
+
+
 @pytest.mark.parametrize("end", ["cancel", "expire"])
-def test_input_deleted_before_launch_then_cancelled_or_expired_ends(world, end):
-    """The once-stuck case: nothing was launched and the input is gone, so no line can
-    be named. The batch ends at once; the counts and the errors entry say what happened."""
-    record = world.submit(7, window=60)
+@pytest.mark.parametrize("validated_by", ["gateway", "driver"])
+def test_input_deleted_before_launch_then_cancelled_or_expired_lists_every_line(world, end, validated_by):
+    """The once-stuck case: nothing was launched and the input is gone; the batch's copy
+    still names every request, so each gets its error line."""
+    if validated_by == "gateway":
+        record = world.submit(7, window=60)
+    else:
+        record = validated_by_the_driver(world, 7, window=60)
+    world.user_files.delete(P, record.input_file_id)
+    if end == "cancel":
+        world.cancel(record)
+    else:
+        world.clock.advance(61)
+    done = world.drive(record)
+    code = "batch_cancelled" if end == "cancel" else "batch_expired"
+    assert done.status == (S.CANCELLED if end == "cancel" else S.EXPIRED)
+    assert done.request_counts.model_dump() == {"total": 7, "completed": 0, "failed": 7}
+    assert world.codes(done) == dict.fromkeys(ids(7), code)
+    assert done.errors is None and done.output_file_id is None and done.step_failure is None
+    assert world.runtime.started == {} and world.working_data(done) == []
+
+
+@pytest.mark.parametrize("end", ["cancel", "expire"])
+def test_without_a_copy_or_its_input_a_batch_ends_saying_why(world, end):
+    """A batch from before copies were kept: no line can be named. It ends at once; the
+    counts and the errors entry say what happened."""
+    record = world.old_batch(world.submit(7, window=60))
     world.user_files.delete(P, record.input_file_id)
     if end == "cancel":
         world.cancel(record)

@@ -106,7 +106,7 @@ def test_one_drive_that_fails_validation_ends_and_stops_there(world):
 
 
 def test_an_input_gone_before_launch_ends_and_cleans_up_in_one_drive(world):
-    record = world.submit(3)
+    record = world.old_batch(world.submit(3))  # no copy of the input
     world.user_files.delete(P, record.input_file_id)
     done = world.drive(record)
     assert done.status == S.FAILED and not done.cleanup_pending
