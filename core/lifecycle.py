@@ -72,13 +72,13 @@ def validate(
 
 
 def keep_input(files: FileService, record: BatchRecord) -> None:
-    """Copy a validated batch's input file under the batch's working prefix (streamed,
-    written whole; rewriting it is harmless). From then on the batch owns its requests:
+    """Copy a validated batch's input file under the batch's working prefix (a hard link
+    or a server-side copy: no bytes move, no space is taken twice on a local disk;
+    rewriting it is harmless). From then on the batch owns its requests:
     deleting the input file does not stop it from running, nor from listing every request
     in its error file if it is cancelled or expires first. The copy goes with the rest of
     the working data when the batch has ended. NotFound if the input file is gone."""
-    _, chunks = files.open(record.project, record.input_file_id)
-    files.store.put_stream(input_key(record.project, record.id), chunks)
+    files.copy_content(record.project, record.input_file_id, input_key(record.project, record.id))
 
 
 def input_lines(store: ObjectStore, files: FileService, record: BatchRecord) -> Iterator[bytes]:

@@ -47,6 +47,12 @@ class ObjectStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def copy(self, src: str, dst: str) -> None:
+        """A whole copy of src at dst, made by the store itself where it can (a hard
+        link, S3 CopyObject): no bytes through this process. ObjectNotFound when src
+        is absent."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove key; absent keys are fine (idempotent)."""
         ...

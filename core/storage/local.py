@@ -123,6 +123,31 @@ class LocalObjectStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self.put_stream(key, (data,))
 
+    def copy(self, src: str, dst: str) -> None:
+        # A hard link: objects are never changed in place (every write is a new file
+        # renamed over the old), so two names can share one inode; no bytes are copied.
+        source, path = self._path(src), self._path(dst)
+        if not source.is_file():
+            raise ObjectNotFound(src)
+        tmp, fd = self._open_temp(dst, path)
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+            os.link(source, tmp)
+            os.replace(tmp, path)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ObjectNotFound(src) from None
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise _storage_error("copy", dst, exc) from exc
+            self.put_stream(dst, self.get_stream(src))  # a filesystem without hard links
+            return
+        self._fsync_dir(path.parent)
+
     @staticmethod
     def _fsync_dir(directory: Path) -> None:
         # Makes the rename itself durable; best effort (not every FS allows it).

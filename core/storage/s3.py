@@ -22,6 +22,7 @@ from typing import Any
 import certifi
 import urllib3
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.error import MinioException, S3Error
 from minio.helpers import check_bucket_name
 from urllib3.util.retry import Retry
@@ -228,6 +229,20 @@ class S3ObjectStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.put_stream(key, (data,))
+
+    def copy(self, src: str, dst: str) -> None:
+        # Server-side CopyObject: the bytes never pass through this process.
+        check_key(src)
+        check_key(dst)
+        self._ensure_bucket()
+        try:
+            self.client.copy_object(self.bucket, dst, CopySource(self.bucket, src))
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND_CODES:
+                raise ObjectNotFound(src) from None
+            raise self._error("copy", dst, exc) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error("copy", dst, exc) from exc
 
     # --- reading -------------------------------------------------------------
 

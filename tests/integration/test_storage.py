@@ -50,6 +50,20 @@ def test_round_trip(object_store):
     assert not object_store.exists("p/files/two")
 
 
+def test_copy_is_whole_and_independent_of_its_source(object_store):
+    data = b"".join(chunks_of(3 * 1024 * 1024))
+    object_store.put_stream("p/src.bin", iter([data]))
+    object_store.copy("p/src.bin", "q/copy.bin")
+    assert object_store.get_bytes("q/copy.bin") == data
+    object_store.delete("p/src.bin")  # the copy outlives its source, and survives its rewrite
+    object_store.put_bytes("p/src.bin", b"new")
+    assert object_store.get_bytes("q/copy.bin") == data
+    with pytest.raises(ObjectNotFound):
+        object_store.copy("p/missing.bin", "q/other.bin")
+    assert not object_store.exists("q/other.bin")
+    assert sorted(object_store.list("q/")) == ["q/copy.bin"]
+
+
 def test_put_bytes_overwrites(object_store):
     object_store.put_bytes("k/meta.json", b'{"v": 1}')
     object_store.put_bytes("k/meta.json", b'{"v": 2}')
