@@ -10,7 +10,6 @@ tests/support      the helpers they share (S3 server, gateway process, Kubernete
 from __future__ import annotations
 
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ TESTS = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "e2e", "robustness")
 sys.path.insert(0, str(TESTS / "support"))  # helpers import as top-level modules
 
-from s3server import NanioServer, S3Info  # noqa: E402
+from s3server import NanioServer, S3Info, make_s3_store  # noqa: E402
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -47,22 +46,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 def s3_info(s3_server: NanioServer) -> S3Info:
     s3_server.start()  # no-op when running; revives it after a fault test
     return s3_server.info
-
-
-def make_s3_store(info: S3Info, bucket: str | None = None, **kwargs):
-    from vbatch.core.storage.s3 import S3ObjectStore
-
-    kwargs.setdefault("retry_seconds", 3.0)  # tests must not wait 30 s on a dead server
-    kwargs.setdefault("part_size", 5 * 1024 * 1024)  # S3 minimum: multipart with little data
-    return S3ObjectStore(
-        endpoint=info.endpoint,
-        bucket=bucket or f"t-{uuid.uuid4().hex[:20]}",
-        access_key=info.access_key,
-        secret_key=info.secret_key,
-        secure=info.secure,
-        region=info.region,
-        **kwargs,
-    )
 
 
 @pytest.fixture

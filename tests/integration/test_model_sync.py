@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_s3_store
+from s3server import make_s3_store
 from vbatch.core.config import Settings
 from vbatch.core.catalog import ModelSpec
 from vbatch.worker.model_sync import MARKER, parse_s3_uri, sync_remote_model

@@ -8,7 +8,7 @@ import time
 import tracemalloc
 
 import pytest
-from conftest import make_s3_store
+from s3server import make_s3_store
 from vbatch.core.errors import NotFound, PayloadTooLarge, StorageError
 from vbatch.core.files import FileService, file_key
 from vbatch.core.schemas import FilePurpose

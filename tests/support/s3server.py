@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,3 +129,19 @@ class NanioServer:
             return self.log_path.read_text(errors="replace")[-4000:]
         except OSError:
             return "(no log)"
+
+
+def make_s3_store(info: S3Info, bucket: str | None = None, **kwargs):
+    from vbatch.core.storage.s3 import S3ObjectStore
+
+    kwargs.setdefault("retry_seconds", 3.0)  # tests must not wait 30 s on a dead server
+    kwargs.setdefault("part_size", 5 * 1024 * 1024)  # S3 minimum: multipart with little data
+    return S3ObjectStore(
+        endpoint=info.endpoint,
+        bucket=bucket or f"t-{uuid.uuid4().hex[:20]}",
+        access_key=info.access_key,
+        secret_key=info.secret_key,
+        secure=info.secure,
+        region=info.region,
+        **kwargs,
+    )
