@@ -347,11 +347,12 @@ class _Upload:
         try:
             expires = self._expiry_seconds()
         except VBatchError:
-            await self.loop.run_in_executor(None, self.services.files.delete, self.project, stored.id)
+            # Refused: leave nothing (no deleted-file record, no expiry entry).
+            await self.loop.run_in_executor(self.executor, self.services.files.discard, self.project, stored.id)
             raise
         if expires is not None and expires != self.expiry_at_start:  # the fields came after the file
             stored = await self.loop.run_in_executor(
-                None, self.services.files.set_expiry, self.project, stored.id, expires)
+                self.executor, self.services.files.set_expiry, self.project, stored.id, expires)
         metrics.FILES_UPLOADED.inc()
         return stored
 

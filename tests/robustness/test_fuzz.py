@@ -85,6 +85,20 @@ def test_a_refused_upload_leaves_no_file_object_behind(api_server: ApiServer, te
     assert not project_dir.exists() or [p for p in project_dir.rglob("*") if p.is_file()] == []
 
 
+def test_an_upload_refused_for_its_expiry_fields_leaves_nothing(api_server: ApiServer, tenant: Tenant) -> None:
+    # Found by fuzz_multipart: `expires_after[seconds]` without its anchor, after the file,
+    # was refused but left a deleted-marked File object and an expiry entry behind.
+    good = jsonl([chat_line("a")])
+    body = (part("file", good, "a.jsonl") + part("purpose", b"batch")
+            + part("expires_after[seconds]", b"3600") + b"--fb--\r\n")
+    r = post_raw(api_server, tenant, body)
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("expires_after"), r.text
+    storage = api_server.services.settings.storage_dir
+    left = [p for p in storage.rglob("*") if p.is_file() and "file-index-ready" not in p.parts
+            and (tenant.project in p.parts or p.parent.name == "file-expiry" and p.name.endswith(tenant.project))]
+    assert left == []
+
+
 def test_the_first_problem_in_the_body_is_the_one_reported(api_server: ApiServer, tenant: Tenant) -> None:
     # Found by fuzz_multipart: a bad purpose followed by a malformed part header was
     # answered invalid_multipart or invalid_purpose depending on where the network cut the body.
