@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 from vbatch.api import metrics
 from vbatch.api.services import Services
@@ -315,6 +315,10 @@ class _Upload:
                 parser.finalize()
             except FormParserError:
                 self.error = InvalidRequest("The multipart body could not be parsed.", code="invalid_multipart")
+            else:
+                if parser.state != MultipartState.END:  # python-multipart's finalize does not check
+                    self.error = InvalidRequest("The multipart body ended before its closing boundary.",
+                                                code="invalid_multipart")
 
     async def run(self) -> FileObject:
         length = self.request.headers.get("content-length")
