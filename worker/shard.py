@@ -24,61 +24,25 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from vbatch.core import layout
-from vbatch.core.errors import StorageError
 from vbatch.core.ids import new_batch_request_id, new_request_id
 from vbatch.core.layout import ShardProgress
 from vbatch.core.schemas import LineError, ResponseEnvelope, ResultLine
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore, iter_lines
 from vbatch.worker.admission import Admission
 from vbatch.worker.engines.base import Engine
+from vbatch.worker.shard_io import _storage, prefix_key
 
 log = logging.getLogger("vbatch.worker.shard")
 
-T = TypeVar("T")
-
-# Storage hiccups (a MinIO restart, a full disk being cleaned) should not cost a
-# shard's in-memory results: retry with backoff before giving up (~6 s in total).
-STORAGE_ATTEMPTS = 5
-STORAGE_BACKOFF = 0.2
 # A reorder window never holds more than this many bytes of input lines, whatever
 # its line count (lines may be up to 1 MB each).
 WINDOW_MAX_BYTES = 32 * 1024 * 1024
-
-
-async def _storage(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking store call in a thread, retrying transient failures."""
-    for attempt in range(STORAGE_ATTEMPTS):
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except ObjectNotFound:
-            raise
-        except (StorageError, OSError) as exc:
-            if attempt == STORAGE_ATTEMPTS - 1:
-                raise StorageError(f"object storage failed after {STORAGE_ATTEMPTS} attempts: {exc}") from exc
-            log.warning("storage call failed (%s), retrying", exc)
-            await asyncio.sleep(STORAGE_BACKOFF * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-def prefix_key(body: Any) -> bytes:
-    """Sort key grouping requests that share leading messages (vLLM's prefix cache
-    reuses their KV blocks when they run close together). Lexicographic order of the
-    JSON also puts prompts with a common beginning next to each other."""
-    if not isinstance(body, dict):
-        return b""
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return b""
-    try:
-        return orjson.dumps([body.get("model"), messages[:-1]])
-    except TypeError:
-        return b""
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from vbatch.core import layout
 from vbatch.core.errors import StorageError
 from vbatch.core.layout import ShardProgress
 from vbatch.core.storage.local import LocalObjectStore
-from vbatch.worker import shard as shard_module
+from vbatch.worker import shard_io
 from vbatch.worker.engines.base import EngineReply
 from vbatch.worker.engines.echo import EchoEngine
 from vbatch.worker.shard import run_shard
@@ -347,7 +347,7 @@ class Flaky:
 
 
 def test_a_storage_hiccup_is_retried_without_losing_or_doubling_results(store, monkeypatch):
-    monkeypatch.setattr(shard_module, "STORAGE_BACKOFF", 0.001)
+    monkeypatch.setattr(shard_io, "STORAGE_BACKOFF", 0.001)
     write_shard(store, [request(f"r{i}", "a") for i in range(20)])
 
     progress = run(Flaky(store, failures=3), EchoEngine(), part_max_results=4)
@@ -357,7 +357,7 @@ def test_a_storage_hiccup_is_retried_without_losing_or_doubling_results(store, m
 
 
 def test_storage_down_for_good_fails_the_run_and_a_rerun_still_gives_exactly_once(store, monkeypatch):
-    monkeypatch.setattr(shard_module, "STORAGE_BACKOFF", 0.001)
+    monkeypatch.setattr(shard_io, "STORAGE_BACKOFF", 0.001)
     write_shard(store, [request(f"r{i}", "a") for i in range(20)])
     flaky = Flaky(store, failures=0)
     original = flaky.put_bytes
