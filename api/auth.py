@@ -24,7 +24,9 @@ _bearer = HTTPBearer(
 _project_header = APIKeyHeader(name="x-project-id", scheme_name="ProjectId", auto_error=False, description="Project id")
 
 
-def get_services(request: Request) -> Services:
+# Dependencies that never block are `async def`: FastAPI runs a plain `def` dependency
+# on its thread pool, and those hops were most of the cost of a poll (GET a batch).
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -51,7 +53,7 @@ def key_from_headers(x_api_key: str | None, authorization: str | None) -> str | 
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def authenticate(
+async def authenticate(
     request: Request,
     services: ServicesDep,
     api_key: Annotated[str | None, Depends(_api_key_header)],
@@ -61,7 +63,8 @@ def authenticate(
     """The caller's project, once its key is proven to open it.
 
     `vbatch.api.limits` already checked the same headers before any body was read
-    (this dependency runs after FastAPI reads a JSON body); checking again is cheap.
+    (this dependency runs after FastAPI reads a JSON body); checking again is cheap:
+    a hash and a stat of the key file, fine on the event loop, as in that middleware.
     """
     key = api_key or (bearer.credentials if bearer and bearer.scheme.lower() == "bearer" else None)
     project = project_for(services, key, project)

@@ -62,7 +62,7 @@ def run_all(only: list[str], quick: bool, size_mb: float | None) -> tuple[dict, 
             t, workloads={"one_system_prompt": (64, 1, 200), "16_system_prompts": (64, 16, 300)} if quick else None),
         "listing": lambda t: __import__("listing").run(t, files_n=2_000 if quick else 20_000, rounds=10 if quick else 30),
         "warm": lambda t: __import__("warm").run(t, small=12 if quick else 48, size=4,
-                                                 max_tokens=16 if quick else 32, rounds=1 if quick else 2),
+                                                 max_tokens=16 if quick else 32, rounds=1 if quick else 3),
     }
     details, errors, seconds = {}, {}, {}
     for name in BENCHES:
@@ -163,7 +163,10 @@ def rows(details: dict, errors: dict) -> list[tuple[str, str, list[tuple]]]:
             ("many_small_vs_one_big", f"{w['small_batches']} batches x {w['small_batch_size']}: {w['many_small_tok_s']} tok/s "
              f"({w['many_small_s']} s)", f"one batch of {w['requests']}: {w['one_big_tok_s']} tok/s ({w['one_big_s']} s)",
              w["many_small_vs_one_big"], goal("many_small_vs_one_big"),
-             f"{w['max_tokens']} tokens, temperature 0, ignore_eos; created at once on a warm server"),
+             f"{w['max_tokens']} tokens, temperature 0, ignore_eos; created at once on a warm server; best of "
+             f"{w.get('rounds', '?')} rounds; watched with one list request per 0.1 s (one GET per 0.1 s for the big one); "
+             f"with every small batch polled 10x/s: {w.get('many_small_polled_each_s')} s "
+             f"({w.get('many_small_polled_each_vs_one_big')})"),
             ("after_cancel_vs_before", f"1-request batch after a cancel {w['one_request_after_cancel_s']} s",
              f"before {w['one_request_before_cancel_s']} s", w["after_cancel_vs_before"], goal("after_cancel_vs_before"),
              f"engine loads in the whole run: {w['engine_loads']}")]))

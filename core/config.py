@@ -69,9 +69,12 @@ class Settings(BaseSettings):
     part_max_seconds: float = 2.0
     # After SIGTERM (cancel, expiry, pod eviction), how long in-flight requests may finish.
     stop_grace_seconds: float = 10.0
-    # Warm workers (single node): shards one worker process runs at once, and how long
-    # another model's work may wait before a slot drains its model to switch.
-    worker_max_shards: int = 32
+    # Warm workers (single node and pool pods): shards one worker process runs at once,
+    # and how long another model's work may wait before a slot drains its model to switch.
+    # Enough small shards to fill the engine's in-flight budget (2 x max_num_seqs, 512 on
+    # the CPU): at 32, 48 batches of 4 ran as two waves of the engine (bench/warm.py).
+    # Their input windows share a fixed byte budget (vbatch.worker.serve).
+    worker_max_shards: int = Field(default=256, ge=1)
     model_switch_after_seconds: float = 60.0
     # Single node: threads that carry out batch steps (validate, launch, merge) at once,
     # each batch on one thread at a time; a slow merge no longer holds up the others.

@@ -48,8 +48,9 @@ from vbatch.core import metrics
 log = logging.getLogger("vbatch.executor")
 
 PR_SET_PDEATHSIG = 1
-# How many shards one worker process holds at once; more wait in the pool's queue.
-DEFAULT_MAX_SHARDS_PER_WORKER = 32
+# How many shards one worker process holds at once; more wait in the pool's queue
+# (Settings.worker_max_shards, whose default this is).
+DEFAULT_MAX_SHARDS_PER_WORKER = 256
 DEFAULT_SWITCH_AFTER_SECONDS = 60.0
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from vbatch.core.fair import FairQueue
 
 
@@ -46,3 +49,30 @@ class Admission:
                 future.set_result(None)  # the slot passes on; in_flight is unchanged
                 return
         self.in_flight -= 1
+
+
+class WindowShare:
+    """Input bytes the shards of one worker may hold in reorder windows, shared.
+
+    A worker holds hundreds of shards at once (many small batches); each reads a
+    window of its input ahead of admission. Each gets `total / shards held`, within
+    [floor, ceiling], read again at every window: alone, a shard reads big windows
+    (better prefix grouping); among many, the sum stays near `total`.
+    """
+
+    def __init__(self, total: int, *, floor: int, ceiling: int) -> None:
+        if not 0 < floor <= ceiling:
+            raise ValueError("need 0 < floor <= ceiling")
+        self.total, self.floor, self.ceiling = total, floor, ceiling
+        self.holders = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.holders += 1
+        try:
+            yield
+        finally:
+            self.holders -= 1
+
+    def bytes_each(self) -> int:
+        return max(self.floor, min(self.ceiling, self.total // max(1, self.holders)))

@@ -31,9 +31,9 @@ import orjson
 from vbatch.core.config import Settings
 from vbatch.core.errors import StorageError
 from vbatch.core.storage import ObjectNotFound, ObjectStore, open_store
-from vbatch.worker.admission import Admission
+from vbatch.worker.admission import Admission, WindowShare
 from vbatch.worker.engines.base import Engine
-from vbatch.worker.serve import SERVE_WINDOW_MAX_BYTES, ShardServer, describe, loaded_event, stdin_lines
+from vbatch.worker.serve import SERVE_WINDOW_BYTES_RANGE, SERVE_WINDOWS_TOTAL_BYTES, ShardServer, describe, loaded_event, stdin_lines
 from vbatch.worker.shard import run_shard
 
 log = logging.getLogger("vbatch.worker")
@@ -175,14 +175,18 @@ async def _serve(args: argparse.Namespace, store: ObjectStore, engine: Engine, o
     return EXIT_OK
 
 def _shard_runner(store: ObjectStore, engine: Engine, args: argparse.Namespace):
+    floor, ceiling = SERVE_WINDOW_BYTES_RANGE
+    windows = WindowShare(SERVE_WINDOWS_TOTAL_BYTES, floor=floor, ceiling=ceiling)
+
     async def run(project: str, batch_id: str, shard: int, *, admission: Admission,
                   abort: asyncio.Event, stop: asyncio.Event) -> dict[str, Any]:
-        progress = await run_shard(
-            store, engine, project=project, batch_id=batch_id, shard=shard,
-            part_max_results=args.part_max_results, part_max_seconds=args.part_max_seconds,
-            stop=stop, stop_grace_seconds=args.stop_grace_seconds, admission=admission,
-            abort=abort, window_max_bytes=SERVE_WINDOW_MAX_BYTES,
-        )
+        with windows.held():
+            progress = await run_shard(
+                store, engine, project=project, batch_id=batch_id, shard=shard,
+                part_max_results=args.part_max_results, part_max_seconds=args.part_max_seconds,
+                stop=stop, stop_grace_seconds=args.stop_grace_seconds, admission=admission,
+                abort=abort, window_max_bytes=windows.bytes_each,
+            )
         return {"finished": progress.finished, "completed": progress.completed, "failed": progress.failed}
 
     return run

@@ -35,9 +35,11 @@ from vbatch.worker.admission import Admission
 
 log = logging.getLogger("vbatch.worker")
 
-# Shards held at once each read a reorder window of their input: a smaller byte cap
-# per window than a one-shot worker's keeps the sum bounded.
-SERVE_WINDOW_MAX_BYTES = 8 * 1024 * 1024
+# Shards held at once each read a reorder window of their input. They share this
+# many bytes (vbatch.worker.admission.WindowShare): up to 8 MiB each when few are
+# held, down to 1 MiB each when hundreds are (then the sum may reach held x 1 MiB).
+SERVE_WINDOWS_TOTAL_BYTES = 256 * 1024 * 1024
+SERVE_WINDOW_BYTES_RANGE = (1024 * 1024, 8 * 1024 * 1024)
 
 RunShard = Callable[..., Awaitable[dict[str, Any]]]
 

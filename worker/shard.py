@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ class _ShardRun:
         self, store: ObjectStore, engine: Engine, *, project: str, batch_id: str, shard: int,
         part_max_results: int, part_max_seconds: float, stop: asyncio.Event,
         stop_grace_seconds: float, window_lines: int, admission: Admission,
-        abort: asyncio.Event, window_max_bytes: int,
+        abort: asyncio.Event, window_max_bytes: Callable[[], int],
     ) -> None:
         self.store = store
         self.engine = engine
@@ -145,6 +145,7 @@ class _ShardRun:
     def _read_window(self, lines: Iterator[bytes], seen: set[str]) -> list[_Request]:
         """Blocking: the next window of requests still to do, prefix-sorted."""
         window: list[_Request] = []
+        max_bytes = max(1, self.window_max_bytes())
         size = 0
         for raw in lines:
             if not raw.strip():
@@ -157,7 +158,7 @@ class _ShardRun:
                 continue
             window.append(request)
             size += len(raw)
-            if len(window) >= self.window_lines or size >= self.window_max_bytes:
+            if len(window) >= self.window_lines or size >= max_bytes:
                 break
         window.sort(key=lambda r: prefix_key(r.body))  # stable: file order within a group
         return window
@@ -394,7 +395,7 @@ async def run_shard(
     window_lines: int | None = None,
     admission: Admission | None = None,
     abort: asyncio.Event | None = None,
-    window_max_bytes: int = WINDOW_MAX_BYTES,
+    window_max_bytes: int | Callable[[], int] = WINDOW_MAX_BYTES,
 ) -> ShardProgress:
     """Run one shard to the end (or until `stop` is set) and return its progress.
 
@@ -405,6 +406,7 @@ async def run_shard(
     at least 1024 lines). `admission` is shared by every shard on the same engine
     (default: one of this run's own, sized to the engine's in-flight budget); `abort`
     ends the run at once, cancelling its in-flight requests inside the engine.
+    `window_max_bytes` may be a callable, read at every window (a shared budget).
     """
     if window_lines is None:
         window_lines = max(4 * engine.max_in_flight, 1024)
@@ -415,6 +417,6 @@ async def run_shard(
         stop_grace_seconds=stop_grace_seconds, window_lines=max(1, window_lines),
         admission=admission if admission is not None else Admission(engine.max_in_flight),
         abort=abort if abort is not None else asyncio.Event(),
-        window_max_bytes=max(1, window_max_bytes),
+        window_max_bytes=window_max_bytes if callable(window_max_bytes) else (lambda: window_max_bytes),
     )
     return await run.run()

@@ -121,7 +121,30 @@ class LocalObjectStore:
         raise AssertionError("unreachable")
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        if not data and self._put_empty(key):
+            return
         self.put_stream(key, (data,))
+
+    def _put_empty(self, key: str) -> bool:
+        """An empty object (index and expiry entries are many): no bytes can be half
+        written, so it is created in place, with no temporary and no file fsync; only
+        its directory entry is made durable. False when an object already exists there
+        (it may have content: the caller's atomic replace handles that)."""
+        path = self._path(key)
+        for attempt in range(3):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                break
+            except FileExistsError:
+                return False
+            except FileNotFoundError as exc:  # a concurrent delete pruned the directory
+                if attempt == 2:
+                    raise _storage_error("write", key, exc) from exc
+            except OSError as exc:
+                raise _storage_error("write", key, exc) from exc
+        self._fsync_dir(path.parent)
+        return True
 
     def copy(self, src: str, dst: str) -> None:
         # A hard link: objects are never changed in place (every write is a new file
@@ -222,9 +245,9 @@ class LocalObjectStore:
         self._prune_empty_dirs(path.parent)
 
     def _prune_empty_dirs(self, directory: Path) -> None:
-        # Keeps the tree from filling with empty batch/shard folders.
-        root = self.root.resolve()
-        while directory.resolve() != root:
+        # Keeps the tree from filling with empty batch/shard folders. Every path here
+        # is root joined with a checked key, so a lexical compare finds the root.
+        while directory != self.root and directory.is_relative_to(self.root):
             try:
                 directory.rmdir()
             except OSError:
@@ -277,8 +300,29 @@ class LocalObjectStore:
         return keys[:limit]
 
     def delete_prefix(self, prefix: str) -> None:
-        for key in list(self.list(prefix)):
-            self.delete(key)
+        if not prefix.endswith("/"):
+            for key in list(self.list(prefix)):
+                self.delete(key)
+            return
+        # A folder (a batch's working data): one bottom-up walk, each directory removed
+        # once it is empty. A write still in flight keeps its temporary and its folder.
+        directory = self.root.joinpath(*check_key(prefix.rstrip("/")).split("/"))
+
+        def fail(exc: OSError) -> None:
+            if not isinstance(exc, FileNotFoundError):
+                raise exc
+
+        try:
+            for dirpath, _dirnames, filenames in os.walk(directory, topdown=False, onerror=fail):
+                for name in filenames:
+                    if TMP_MARKER not in name:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(dirpath, name))
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+        except OSError as exc:
+            raise _storage_error("delete", prefix, exc) from exc
+        self._prune_empty_dirs(directory.parent)
 
     # --- housekeeping ----------------------------------------------------------
 

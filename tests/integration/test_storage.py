@@ -13,7 +13,7 @@ from vbatch.core.errors import NotFound, PayloadTooLarge, StorageError
 from vbatch.core.files import FileService, file_key
 from vbatch.core.schemas import FilePurpose
 from vbatch.core.storage.base import ObjectNotFound, ObjectStore
-from vbatch.core.storage.local import LocalObjectStore
+from vbatch.core.storage.local import TMP_MARKER, LocalObjectStore
 
 MiB = 1024 * 1024
 
@@ -134,6 +134,26 @@ def test_delete_is_idempotent_and_delete_prefix(object_store):
     assert list(object_store.list("")) == ["e/1"]
 
 
+def test_delete_prefix_of_a_folder_removes_it_whole_and_only_it(object_store):
+    for key in ("w/p/b1/shards/0", "w/p/b1/results/0/part-1", "w/p/b1/input", "w/p/b10/input", "w/p/other"):
+        object_store.put_bytes(key, b"x")
+    object_store.delete_prefix("w/p/b1/")
+    # "b10" shares the name's start but is another folder
+    assert list(object_store.list("w/")) == ["w/p/b10/input", "w/p/other"]
+    object_store.delete_prefix("w/p/b1/")  # again: nothing there, no error
+    object_store.delete_prefix("never/was/")
+
+
+def test_empty_objects_are_objects_and_replace_content(object_store):
+    object_store.put_bytes("idx/a", b"")
+    assert object_store.exists("idx/a") and object_store.get_bytes("idx/a") == b""
+    object_store.put_bytes("idx/a", b"")  # again: still there, still empty
+    object_store.put_bytes("idx/b", b"content")
+    object_store.put_bytes("idx/b", b"")  # an object with content becomes empty
+    assert object_store.get_bytes("idx/b") == b""
+    assert list(object_store.list("idx/")) == ["idx/a", "idx/b"]
+
+
 def test_missing_objects_raise_object_not_found(object_store):
     with pytest.raises(ObjectNotFound):
         object_store.get_stream("no/such/key")  # eagerly: no next() needed
@@ -162,6 +182,23 @@ def test_local_writes_leave_no_temporaries(local_store):
     local_store.put_bytes("x/y/ok", b"fine")
     files = [os.path.join(d, f) for d, _, fs in os.walk(local_store.root) for f in fs]
     assert files == [str(local_store.root / "x" / "y" / "ok")]
+
+
+def test_local_delete_prefix_prunes_empty_folders_but_spares_a_write_in_flight(local_store):
+    local_store.put_bytes("w/p/b1/shards/0", b"x")
+    local_store.put_bytes("w/p/b2/shards/0", b"x")
+    local_store.delete_prefix("w/p/b1/")
+    assert not (local_store.root / "w" / "p" / "b1").exists()
+    assert (local_store.root / "w" / "p" / "b2" / "shards" / "0").is_file()
+    local_store.delete_prefix("w/p/b2/")
+    assert not (local_store.root / "w").exists()  # empty parents pruned up to the root
+    assert local_store.root.is_dir()
+    # A temporary of a write still going on keeps its folder (the writer renames it in)
+    local_store.put_bytes("w/p/b3/parts/1", b"x")
+    tmp = local_store.root / "w" / "p" / "b3" / "parts" / f"2{TMP_MARKER}abc"
+    tmp.write_bytes(b"half")
+    local_store.delete_prefix("w/p/b3/")
+    assert list(local_store.list("w/")) == [] and tmp.is_file()
 
 
 def test_local_streaming_put_uses_constant_memory(local_store):

@@ -206,3 +206,28 @@ def test_every_slot_gets_work_and_shards_spread_across_them(make_pool):
         time.sleep(0.01)
     assert all(r.finished for r in p.wait(4))
     assert p.pool.engine_loads == {MODEL: 2}  # one engine per slot, loaded once each
+
+
+@pytest.mark.timeout(120)
+def test_one_worker_holds_every_small_batch_at_once_not_in_waves(make_pool):
+    # 60 one-request batches: with room for 128 requests in the engine, the worker must
+    # run all 60 shards at once (a cap of 32 shards ran them as two waves, the engine
+    # half empty in each).
+    p = make_pool(echo_max_in_flight=128)
+    batches = [f"batch_s{i:02d}" for i in range(60)]
+    for batch in batches:
+        seed(p.store, "proj", batch, 1, words=60)  # ~0.6 s per request
+    for batch in batches:
+        p.submit("proj", batch)
+    deadline = time.monotonic() + 30
+    held = 0
+    while held < len(batches) and not p.results:
+        assert time.monotonic() < deadline, f"only {held} shards ever held at once"
+        held = max(held, len(p.pool.slots[0].running))
+        time.sleep(0.005)
+    assert held == len(batches), f"the worker held at most {held} shards at once"
+    results = p.wait(len(batches))
+    assert all(r.finished for r in results)
+    for batch in batches:
+        assert result_ids(p.store, "proj", batch) == Counter([f"{batch}-0-0"])
+    assert p.pool.engine_loads == {MODEL: 1}

@@ -89,3 +89,23 @@ def test_a_cancelled_wait_holds_no_slot():
         return admission.in_flight
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_shards_held_at_once_share_one_window_budget():
+    from vbatch.worker.admission import WindowShare
+
+    share = WindowShare(100, floor=5, ceiling=40)
+    assert share.bytes_each() == 40  # nobody holds one yet: the ceiling
+    with share.held():
+        assert share.bytes_each() == 40  # alone: a big window, capped
+        with share.held(), share.held(), share.held():
+            assert share.bytes_each() == 25  # four shards: a quarter each
+            held = [share.held() for _ in range(30)]
+            for h in held:
+                h.__enter__()
+            assert share.bytes_each() == 5  # 34 shards: never below the floor
+            for h in held:
+                h.__exit__(None, None, None)
+    assert share.holders == 0
+    with pytest.raises(ValueError):
+        WindowShare(100, floor=0, ceiling=10)
