@@ -133,6 +133,21 @@ def test_webhook_endpoints_come_from_a_secret_and_expiry_settings_reach_the_pods
     assert not any(v["name"] == "webhooks" for v in render(chart)[0].get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []))
 
 
+def test_pool_sizes_reach_the_operator_as_settings_it_reads(chart):
+    from vbatch.core.config import Settings
+
+    def operator_env(values):
+        container = named(render(chart, values), "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e["value"] for e in container["env"] if e["name"].startswith(("VBATCH_POOL_", "VBATCH_WORKER_MAX"))}
+
+    assert operator_env({})["VBATCH_WORKER_MAX_SHARDS"] == "256"
+    env = operator_env({"worker": {"pool": {"maxShardsPerPod": 64, "targetShardsPerPod": 8}}})
+    settings = Settings(**{k[len("VBATCH_"):].lower(): v for k, v in env.items()})
+    assert settings.worker_max_shards == 64 and settings.pool_target_shards == 8
+    with pytest.raises(Exception, match="maxShardsPerPod"):
+        chart.render({"worker": {"pool": {"maxShardsPerPod": 0}}}, name=RELEASE, namespace=NAMESPACE)
+
+
 @pytest.mark.parametrize("bad", [{"files": {"expiryMinSeconds": 0}}, {"files": {"expiryMinSeconds": 2592001}},
                                  {"grafanaDashboard": {"enabled": "yes"}}, {"webhooks": {"allowPrivat": True}},
                                  {"operator": {"metricsPort": 70000}}])
