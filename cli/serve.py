@@ -160,8 +160,10 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # configuration mistakes: say which, no traceback
         raise SystemExit(f"vbatch serve: {exc}") from None
     # Temporaries of writes killed mid-way (a crash, kill -9): removed before serving, then periodically.
+    # And input copies of batches whose creation was killed before the batch existed.
     janitor = Janitor(services.files.store, max_age_seconds=settings.tmp_max_age_seconds,
-                      interval_seconds=settings.tmp_cleanup_interval_seconds)
+                      interval_seconds=settings.tmp_cleanup_interval_seconds,
+                      batch_exists=lambda project, batch_id: services.batches.get(project, batch_id) is not None)
     janitor.start()
     if background is not None:
         background.start()

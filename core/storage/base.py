@@ -47,6 +47,11 @@ class ObjectStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def modified(self, key: str) -> float:
+        """When the object was last written or copied (epoch seconds); ObjectNotFound
+        when absent."""
+        ...
+
     def copy(self, src: str, dst: str) -> None:
         """A whole copy of src at dst, made by the store itself where it can (a hard
         link, S3 CopyObject): no bytes through this process. ObjectNotFound when src

@@ -224,6 +224,18 @@ class LocalObjectStore:
             raise _storage_error("stat", key, exc) from exc
         raise ObjectNotFound(key)
 
+    def modified(self, key: str) -> float:
+        # ctime: a copy is a hard link, whose mtime is its source's; linking (and the
+        # rename that ends every write) sets the inode's ctime to now.
+        path = self._path(key)
+        try:
+            if path.is_file():
+                stat = path.stat()
+                return max(stat.st_mtime, stat.st_ctime)
+        except OSError as exc:
+            raise _storage_error("stat", key, exc) from exc
+        raise ObjectNotFound(key)
+
     def exists(self, key: str) -> bool:
         try:
             return self._path(key).is_file()

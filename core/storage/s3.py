@@ -275,6 +275,10 @@ class S3ObjectStore:
     def size(self, key: str) -> int:
         return int(self._stat(key, "stat").size)
 
+    def modified(self, key: str) -> float:
+        stat = self._stat(key, "stat")
+        return stat.last_modified.timestamp() if stat.last_modified else 0.0
+
     def exists(self, key: str) -> bool:
         try:
             self._stat(key, "stat")

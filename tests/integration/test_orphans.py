@@ -18,7 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from vbatch.core.janitor import Janitor
+from vbatch.core import lifecycle, state
+from vbatch.core.files import FileService
+from vbatch.core.janitor import Janitor, remove_orphan_batch_data
+from vbatch.core.layout import batch_prefix, input_key
+from vbatch.core.schemas import FilePurpose
+from vbatch.core.sqlite_store import SqliteBatchStore
 from vbatch.core.storage.local import TMP_MARKER, LocalObjectStore
 
 HOUR = 3600
@@ -126,6 +131,53 @@ def test_vbatch_serve_removes_orphans_at_start_up(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _batch_for(project: str, file_id: str):
+    return state.new_batch(project=project, input_file_id=file_id, endpoint="/v1/chat/completions",
+                           completion_window="24h", metadata=None, total=1, model="m",
+                           window_seconds=86400, now=int(time.time()))
+
+
+def test_an_input_copy_whose_batch_was_never_created_is_removed_once_old(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "storage")
+    files = FileService(store)
+    batches = SqliteBatchStore(tmp_path / "batches.sqlite")
+    upload = files.create("p", iter([b'{"custom_id": "a"}\n']), filename="in.jsonl", purpose=FilePurpose.BATCH)
+    # A create that went through, and one whose gateway died between the copy and the record.
+    kept = _batch_for("p", upload.id)
+    lifecycle.keep_input(files, kept)
+    batches.create(kept)
+    orphan = _batch_for("p", upload.id)
+    lifecycle.keep_input(files, orphan)
+    store.put_bytes(batch_prefix("p", orphan.id) + "shards/0.jsonl", b"x")
+
+    def exists(project: str, batch_id: str) -> bool:
+        return batches.get(project, batch_id) is not None
+
+    # Young: a create may still be under way.
+    assert remove_orphan_batch_data(store, exists, max_age_seconds=HOUR) == 0
+    assert store.exists(input_key("p", orphan.id))
+    janitor = Janitor(store, max_age_seconds=0, interval_seconds=0, batch_exists=exists)
+    janitor.start()
+    assert list(store.list(batch_prefix("p", orphan.id))) == []
+    assert not (store.root / "projects" / "p" / "batches" / orphan.id).exists()
+    assert store.exists(input_key("p", kept.id))  # the batch that exists keeps its copy
+    assert files.get("p", upload.id).id == upload.id  # and the input file stays
+
+
+def test_a_failing_batch_lookup_removes_nothing(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "storage")
+    files = FileService(store)
+    upload = files.create("p", iter([b'{"custom_id": "a"}\n']), filename="in.jsonl", purpose=FilePurpose.BATCH)
+    orphan = _batch_for("p", upload.id)
+    lifecycle.keep_input(files, orphan)
+
+    def unreachable(project: str, batch_id: str) -> bool:
+        raise OSError("the batch store is away")
+
+    assert remove_orphan_batch_data(store, unreachable, max_age_seconds=0) == 0
+    assert store.exists(input_key("p", orphan.id))
 
 
 @pytest.mark.s3

@@ -64,6 +64,19 @@ def test_copy_is_whole_and_independent_of_its_source(object_store):
     assert sorted(object_store.list("q/")) == ["q/copy.bin"]
 
 
+def test_modified_is_when_the_object_was_written_or_copied(object_store, tmp_path):
+    before = time.time() - 5
+    object_store.put_bytes("m/a", b"a")
+    assert before <= object_store.modified("m/a") <= time.time() + 5
+    if isinstance(object_store, LocalObjectStore):  # a hard link keeps its source's mtime
+        source = object_store.root / "m" / "a"
+        os.utime(source, (time.time() - 7200, time.time() - 7200))
+    object_store.copy("m/a", "m/b")
+    assert object_store.modified("m/b") >= before
+    with pytest.raises(ObjectNotFound):
+        object_store.modified("m/missing")
+
+
 def test_put_bytes_overwrites(object_store):
     object_store.put_bytes("k/meta.json", b'{"v": 1}')
     object_store.put_bytes("k/meta.json", b'{"v": 2}')
