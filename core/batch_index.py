@@ -7,7 +7,7 @@ reading every Batch of the project. Renaming objects (an inverted ULID) would ma
 `kubectl get batch <name>` disagree with the API's batch id, and labels cannot be
 ordered by the server. So each batch gets one empty index object whose key is its id
 with the ULID inverted digit by digit: lexicographic key order is newest first, and a
-page is one object-store list `start_after=<cursor>, limit=<page>` — O(page).
+page is one `list_page(start_after=<cursor>, limit=<page>)` of that flat folder — O(page).
 
     projects/<p>/batch-index/<inverted ULID>     empty; written before the resource
     projects/<p>/batch-archive/<batch_id>.json   a terminal batch moved out of etcd
@@ -72,7 +72,7 @@ class BatchIndex:
     def ids_after(self, project: str, after: str | None, limit: int) -> list[str]:
         """Up to `limit` batch ids, newest first, older than `after` (when given)."""
         start = index_key(project, after) if after is not None and is_batch_id(after) else None
-        keys = self.store.list(index_prefix(project), start_after=start, limit=limit)
+        keys = self.store.list_page(index_prefix(project), start_after=start, limit=limit)
         return [batch_id_from_index_key(k) for k in keys]
 
     # --- the archive -------------------------------------------------------------

@@ -62,10 +62,9 @@ class ObjectStore(Protocol):
         """Remove key; absent keys are fine (idempotent)."""
         ...
 
-    def list(self, prefix: str, *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
-        """Every key under prefix (recursive), in lexicographic order; with `start_after`
-        only the keys after it, with `limit` at most that many (read as a page: O(limit)
-        on S3, for flat prefixes on any S3-protocol server)."""
+    def list(self, prefix: str) -> Iterator[str]:
+        """Every key under prefix (recursive), in lexicographic order. Paging is
+        `list_page`'s, over one flat folder."""
         ...
 
     def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:

@@ -266,7 +266,7 @@ class LocalObjectStore:
                 return
             directory = directory.parent
 
-    def list(self, prefix: str, *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
+    def list(self, prefix: str) -> Iterator[str]:
         if "\x00" in prefix or "\\" in prefix or prefix.startswith("/"):
             raise ValueError(f"invalid key prefix {prefix!r}")
         # Walk only the deepest directory the prefix names; filter the rest.
@@ -290,9 +290,7 @@ class LocalObjectStore:
         except OSError as exc:
             raise _storage_error("list", prefix, exc) from exc
         keys.sort()
-        if start_after is not None:
-            keys = keys[bisect.bisect_right(keys, start_after):]
-        return iter(keys if limit is None else keys[:limit])
+        return iter(keys)
 
     def list_page(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[str]:
         if not prefix.endswith("/"):

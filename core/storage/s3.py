@@ -300,22 +300,14 @@ class S3ObjectStore:
         except _TRANSPORT_ERRORS as exc:
             raise self._error("delete", key, exc) from exc
 
-    def list(self, prefix: str, *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
+    def list(self, prefix: str) -> Iterator[str]:
         self._ensure_bucket()
         keys: list[str] = []
         try:
-            if limit is None:
-                listing = self.client.list_objects(self.bucket, prefix=prefix, recursive=True, start_after=start_after)
-            else:
-                # A page asks the server for a page (max-keys), not for its default 1000 keys:
-                # minio's public list_objects does not expose max-keys (minio is pinned <8).
-                listing = self.client._list_objects(self.bucket, prefix=prefix, start_after=start_after,
-                                                    max_keys=min(max(limit, 1), 1000), encoding_type="url")
-            for obj in listing:  # lazy: one ListObjectsV2 request per 1000 keys
-                if obj.object_name and not obj.is_dir and (start_after is None or obj.object_name > start_after):
+            # lazy: one ListObjectsV2 request per 1000 keys
+            for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                if obj.object_name and not obj.is_dir:
                     keys.append(obj.object_name)
-                    if limit is not None and len(keys) >= limit:
-                        break
         except _TRANSPORT_ERRORS as exc:
             raise self._error("list", prefix, exc) from exc
         # Servers differ (a filesystem-backed one lists per directory): the

@@ -385,14 +385,16 @@ def test_an_invalid_bucket_name_is_refused_at_start_up():
 
 
 def test_list_pages_with_start_after_and_limit(object_store):
-    keys = [f"p/idx/{c}" for c in "0189ABYZ"] + ["p/other/x", "p/idx2"]
+    keys = [f"p/idx/{c}" for c in "0189ABYZ"] + ["p/other/x", "p/idx2", "p/idx/sub/deeper"]
     for key in keys:
         object_store.put_bytes(key, b"")
-    assert list(object_store.list("p/idx/", limit=3)) == ["p/idx/0", "p/idx/1", "p/idx/8"]
-    assert list(object_store.list("p/idx/", start_after="p/idx/8", limit=3)) == ["p/idx/9", "p/idx/A", "p/idx/B"]
-    assert list(object_store.list("p/idx/", start_after="p/idx/B")) == ["p/idx/Y", "p/idx/Z"]
-    assert list(object_store.list("p/idx/", start_after="p/idx/Z", limit=5)) == []
-    assert list(object_store.list("p/idx/", start_after="p/idx/0x")) == [f"p/idx/{c}" for c in "189ABYZ"]
+    # one flat folder: "p/idx/sub/deeper" is in a folder of its own
+    assert object_store.list_page("p/idx/", limit=3) == ["p/idx/0", "p/idx/1", "p/idx/8"]
+    assert object_store.list_page("p/idx/", start_after="p/idx/8", limit=3) == ["p/idx/9", "p/idx/A", "p/idx/B"]
+    assert object_store.list_page("p/idx/", start_after="p/idx/B") == ["p/idx/Y", "p/idx/Z"]
+    assert object_store.list_page("p/idx/", start_after="p/idx/Z", limit=5) == []
+    assert object_store.list_page("p/idx/", start_after="p/idx/0x") == [f"p/idx/{c}" for c in "189ABYZ"]
+    assert list(object_store.list("p/idx/")) == [f"p/idx/{c}" for c in "0189ABYZ"] + ["p/idx/sub/deeper"]
 
 
 def test_the_batch_index_lists_newest_first_in_pages(object_store):
