@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_server import chat_line, jsonl, serve, start_api_server
-from s3server import NanioServer
+from s3server import NanioServer, make_s3_store
 from vbatch.api.services import Services
 from vbatch.core.config import Settings
 from vbatch.core.files import FileService
@@ -121,6 +121,21 @@ def test_s3_down_for_a_few_seconds_mid_batch_then_the_batch_completes(tmp_path, 
         lines = result_lines(c, final)
         assert Counter(x["custom_id"] for x in lines) == Counter(f"s{i}" for i in range(n))
         assert final["usage"]["output_tokens"] == sum(i % 5 + 1 for i in range(n))
+
+
+@pytest.mark.timeout(60)
+def test_the_s3_stand_in_recovers_a_key_its_crash_left_half_written(s3_server: NanioServer) -> None:
+    # The restart test above relies on it: nanio writes an object's metadata through
+    # one fixed temporary name, so a kill mid-write made that key unwritable for good.
+    s3_server.start()
+    store = make_s3_store(s3_server.info, bucket="crash-left", retry_seconds=1.0)
+    store.put_bytes("p/ok", b"1")
+    (meta,) = s3_server.data_dir.glob("crash-left/.nanio-meta/p/ok.json")
+    (meta.parent / "part.json.tmp").write_bytes(b"{half")  # what the kill left
+    s3_server.kill()
+    s3_server.start()
+    store.put_bytes("p/part", b"2")
+    assert store.get_bytes("p/part") == b"2" and store.get_bytes("p/ok") == b"1"
 
 
 @pytest.mark.timeout(200)

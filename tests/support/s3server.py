@@ -65,6 +65,7 @@ class NanioServer:
         if self.running:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._recover_after_crash()
         env = os.environ | {"NANIO_ACCESS_KEY": ACCESS_KEY, "NANIO_SECRET_KEY": SECRET_KEY}
         env.pop("NANIO_OPTIONS_FILE", None)  # credentials must come from the two vars above
         with open(self.log_path, "ab") as log:
@@ -112,6 +113,15 @@ class NanioServer:
                 self.process.kill()
                 self.process.wait(timeout)
         self.process = None
+
+    def _recover_after_crash(self) -> None:
+        """What a real S3 server does when it starts after a crash: drop its own
+        half-written temporaries. nanio writes an object's metadata sidecar through one
+        fixed temporary name (`<key>.json.tmp`, opened O_EXCL) and does not clean it at
+        start, so one killed mid-write made every later PUT of that key fail (seen once
+        in CI: a result part could never be written again)."""
+        for stale in self.data_dir.glob("*/.nanio-meta/**/*.json.tmp"):
+            stale.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """Stop abruptly, as a crash would."""
