@@ -171,7 +171,12 @@ def test_cancelling_one_batch_stops_only_its_shards_on_the_shared_pod(pool_env, 
     assert env.results(kept) == Counter(f"{kept.id}-0-{i}" for i in range(60))
     assert len(env.runner.procs) == 1  # the same pod served both, and still serves
     assert all(p.poll() is None for p in env.runner.procs.values())
-    assert env.runtime.release(doomed) and env.runtime.release(kept)
+    # Like the driver's clean-up, ask again until the pod's heartbeat confirms it let
+    # both go (one call right after the last result may come before that heartbeat).
+    deadline = time.monotonic() + 30
+    while not (env.runtime.release(doomed) and env.runtime.release(kept)):
+        assert time.monotonic() < deadline, "the pool never confirmed it let go of both batches"
+        time.sleep(0.1)
     # `kubectl describe batch` lists which pool pod ran its shards.
     events = [e for e in kube_cluster.list("v1", "Event") if e["involvedObject"]["name"] == batch_object_name(kept.id)]
     (member,) = env.runtime.members[next(iter(env.runtime.members))]
