@@ -105,12 +105,15 @@ class LocalObjectStore:
         return size
 
     @staticmethod
-    def _open_temp(key: str, path: Path) -> tuple[Path, int]:
-        tmp = path.parent / f"{path.name}{TMP_MARKER}{secrets.token_hex(6)}"
+    def _create_new(key: str, path: Path) -> int:
+        """Open a file that must not exist yet (O_EXCL), making its directory first.
+        FileExistsError is the caller's; every other OS failure is a StorageError."""
         for attempt in range(3):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raise
             except FileNotFoundError as exc:
                 # A concurrent delete pruned the (then empty) directory between
                 # mkdir and open: make it again.
@@ -119,6 +122,14 @@ class LocalObjectStore:
             except OSError as exc:
                 raise _storage_error("write", key, exc) from exc
         raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_temp(cls, key: str, path: Path) -> tuple[Path, int]:
+        tmp = path.parent / f"{path.name}{TMP_MARKER}{secrets.token_hex(6)}"
+        try:
+            return tmp, cls._create_new(key, tmp)
+        except FileExistsError as exc:  # a random name taken: as good as a disk failure
+            raise _storage_error("write", key, exc) from exc
 
     def put_bytes(self, key: str, data: bytes) -> None:
         if not data and self._put_empty(key):
@@ -131,18 +142,10 @@ class LocalObjectStore:
         its directory entry is made durable. False when an object already exists there
         (it may have content: the caller's atomic replace handles that)."""
         path = self._path(key)
-        for attempt in range(3):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                break
-            except FileExistsError:
-                return False
-            except FileNotFoundError as exc:  # a concurrent delete pruned the directory
-                if attempt == 2:
-                    raise _storage_error("write", key, exc) from exc
-            except OSError as exc:
-                raise _storage_error("write", key, exc) from exc
+        try:
+            os.close(self._create_new(key, path))
+        except FileExistsError:
+            return False
         self._fsync_dir(path.parent)
         return True
 
